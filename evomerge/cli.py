@@ -1,0 +1,130 @@
+"""`evomerge` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from evomerge import __version__
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_EXPERIMENT = REPO_ROOT / "experiments" / "toy_ps.yaml"
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", help="study name (default: the experiment's name)")
+    p.add_argument("--storage", help="Optuna storage URL: sqlite:///x.db, postgresql://..., mysql://..., "
+                                     "or a journal file path ending in .log (default: sqlite under ./runs/NAME/)")
+    p.add_argument("--budget", type=int, help="total candidate trials (overrides optimizer.budget.trials)")
+    p.add_argument("--minutes", type=float, help="wall-time budget in minutes (overrides optimizer.budget.minutes)")
+    p.add_argument("--workers", type=int, help="number of workers (overrides resources.workers); 0 runs "
+                                               "candidates in this process without Ray")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local instance)")
+
+
+def _run_options(args: argparse.Namespace, **extra):
+    from evomerge.runner import RunOptions
+
+    return RunOptions(study=args.study, storage=args.storage, budget=args.budget, minutes=args.minutes,
+                      workers=args.workers, ray_address=args.ray_address, **extra)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from evomerge.config import load_config
+    from evomerge.runner import run_experiment
+
+    cfg = load_config(args.experiment)
+    run_experiment(cfg, _run_options(args, resume=args.resume))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from evomerge.config import load_config
+    from evomerge.runner import run_experiment
+    from evomerge.toy import toy_world_path
+
+    print(f"toy world: {toy_world_path()}")
+    cfg = load_config(DEMO_EXPERIMENT)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    opts = _run_options(args, runs_dir=out)
+    if opts.storage is None:
+        # A demo always starts from scratch unless it is told which study to continue.
+        from evomerge.study import default_storage
+
+        opts.storage = default_storage(opts.study or cfg.name, out)
+        db = Path(opts.storage.removeprefix("sqlite:///"))
+        if db.exists() and not args.keep:
+            db.unlink()
+    run_experiment(cfg, opts)
+    return 0
+
+
+def cmd_toy_build(args: argparse.Namespace) -> int:
+    from evomerge.toy import build_toy_world, format_score_table
+
+    world = build_toy_world(Path(args.out), seed=args.seed)
+    print(format_score_table(world.scores))
+    print(f"toy world written to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evomerge",
+        description="Evolve merge recipes for open language models (parameter space and data-flow space).")
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run (or continue) the evolutionary search of an experiment YAML",
+                       description="Start or join Ray, start workers that keep the sources resident, score "
+                                   "the baselines, then search with the configured sampler until the budget "
+                                   "is spent; print and write the result table (summary.json).")
+    p.add_argument("experiment", help="experiment YAML (see experiments/)")
+    _add_run_options(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an existing study even if the experiment file changed")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="the toy demo: a real evolutionary search on the built-in toy world",
+                       description="Build the toy world if missing, then run experiments/toy_ps.yaml "
+                                   "from scratch and print its result table.")
+    p.add_argument("--out", default="runs/demo", help="directory for the run and its SQLite study (default: runs/demo)")
+    p.add_argument("--keep", action="store_true", help="continue the study already in --out instead of starting over")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("toy", help="the toy world used by the demo and the tests")
+    toy_sub = p.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
+    b = toy_sub.add_parser("build", help="build the toy world (tokenizer, base, experts, task data) and "
+                                         "print each model's score on each task")
+    b.add_argument("--out", default=os.path.expanduser("~/.cache/evomerge/toy"),
+                   help="output directory (default: ~/.cache/evomerge/toy)")
+    b.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    b.set_defaults(func=cmd_toy_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from evomerge.config import ConfigError
+    from evomerge.recipe import RecipeError
+    from evomerge.sources import SourceError
+    from evomerge.study import StudyError
+
+    try:
+        return args.func(args)
+    except (ConfigError, SourceError, StudyError, RecipeError) as exc:
+        print(f"evomerge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evomerge: interrupted; the study keeps every finished trial. Continue with "
+              "`evomerge run EXPERIMENT.yaml` (same study name).", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Write a recipe into a live model, in place.
+
+The output model is built once per worker from the base checkpoint; each candidate only
+rewrites its parameter tensors (same tensor objects, same storage), so nothing is allocated
+or read from disk per candidate and evaluators can keep wrapping the same model object.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from evomerge.groups import group_of
+from evomerge.methods import MergeInputs, TensorCache, get_method
+from evomerge.recipe import PSRecipe, RecipeError
+from evomerge.sources import SourceSet
+
+
+def build_output_model(sources: SourceSet, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The base checkpoint as a model on the sources' device and dtype; later rewritten in place."""
+    model = AutoModelForCausalLM.from_pretrained(
+        str(sources.base.path), dtype=sources.dtype, trust_remote_code=trust_remote_code
+    )
+    model.to(sources.device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class Materializer:
+    """Owns one output model and the per-tensor caches the merge methods reuse across candidates."""
+
+    def __init__(self, sources: SourceSet, model: PreTrainedModel | None = None, *,
+                 trust_remote_code: bool = False) -> None:
+        self.sources = sources
+        self.model = model if model is not None else build_output_model(sources, trust_remote_code=trust_remote_code)
+        self.params = dict(self.model.named_parameters())
+        missing = [n for n in self.params if n not in sources.base_weights]
+        if missing:
+            raise RecipeError(f"the output model has tensors the sources lack: {missing[:3]}")
+        self.caches = {n: TensorCache() for n in self.params}
+
+    def check(self, recipe: PSRecipe) -> None:
+        """Reject a recipe written for other sources or a network of another depth."""
+        if [s.name for s in recipe.sources] != self.sources.names:
+            raise RecipeError(f"recipe sources {[s.name for s in recipe.sources]} differ from the loaded "
+                              f"sources {self.sources.names}")
+        if recipe.num_layers != self.sources.num_layers:
+            raise RecipeError(f"recipe is for {recipe.num_layers} layers, the sources have {self.sources.num_layers}")
+        recipe.check_shape()
+        method = get_method(recipe.method)
+        if method.uses_base and not self.sources.has_base:
+            raise RecipeError(f"method {recipe.method!r} works on task vectors and needs a base model; "
+                              "add `base:` to the experiment")
+        for g in range(len(recipe.groups)):
+            per_model, glob = recipe.values_for(g)
+            method.validate({**per_model, **glob}, len(self.sources.names))
+
+    @torch.no_grad()
+    def apply(self, recipe: PSRecipe) -> PreTrainedModel:
+        self.check(recipe)
+        method = get_method(recipe.method)
+        n_layers = self.sources.num_layers
+        for name, param in self.params.items():
+            per_model, glob = recipe.values_for(group_of(recipe.granularity, name, n_layers))
+            inputs = MergeInputs(
+                name=name, base=self.sources.base_weights[name], deltas=self.sources.deltas[name],
+                cache=self.caches[name], seed=recipe.seed, out=param.data,
+            )
+            merged = method.fn(inputs, per_model, {**recipe.options, **glob})
+            if merged.data_ptr() != param.data.data_ptr():
+                param.data.copy_(merged)
+        return self.model
+
+    @torch.no_grad()
+    def load_source(self, name: str) -> PreTrainedModel:
+        """Write one unmerged source (or the base, name "base") into the model: the baselines."""
+        names = self.sources.names
+        base_name = self.sources.base.ref.name
+        if name not in names and name not in ("base", base_name):
+            raise RecipeError(f"unknown source {name!r}; sources are {names}")
+        k = names.index(name) if name in names else None
+        for pname, param in self.params.items():
+            param.data.copy_(self.sources.base_weights[pname])
+            if k is not None:
+                param.data.add_(self.sources.deltas[pname][k])
+        return self.model

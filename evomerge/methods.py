@@ -1,0 +1,336 @@
+"""Merge methods on tensors: a registry of small typed functions with declared parameter ranges.
+
+Each method maps (base, task vectors, values) to one merged tensor. Where mergekit has the method
+its semantics are mergekit's (`mergekit/merge_methods/{generalized_task_arithmetic,linear,
+slerp}.py`, `mergekit/sparsify.py`, defaults from `registry.py`), so an evolved recipe exports to
+a mergekit config that rebuilds the same weights. Arithmetic runs in float32 (mergekit uses the
+tensors' dtype), and the result is written in the output's dtype. See `evomerge.sparsify` for the
+cached trimming and the documented differences (ties at the threshold, seeded masks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence, Union
+
+import torch
+
+from evomerge import sparsify as sp
+from evomerge.sparsify import TensorCache
+
+__all__ = ["METHODS", "MergeError", "MergeInputs", "MergeMethod", "MergeParamError", "ParamSpec",
+           "TensorCache", "UnknownMethodError", "get_method"]
+
+Option = Union[bool, float]
+
+
+class MergeError(ValueError):
+    """A merge cannot be computed as asked."""
+
+
+class UnknownMethodError(MergeError):
+    """No merge method of that name; the message lists the known ones."""
+
+
+class MergeParamError(MergeError):
+    """A parameter or option is missing, unknown or out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    low: float
+    high: float
+    default: float
+    per_model: bool
+    description: str
+
+
+@dataclass
+class MergeInputs:
+    name: str
+    base: torch.Tensor | None
+    deltas: Sequence[torch.Tensor]
+    cache: TensorCache
+    seed: int = 0
+    out: torch.Tensor | None = None
+
+
+MergeFn = Callable[[MergeInputs, Mapping[str, Sequence[float]], Mapping[str, Option]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    params: tuple[ParamSpec, ...]
+    uses_base: bool
+    min_models: int
+    max_models: int | None
+    random: bool
+    fn: MergeFn = field(compare=False)
+    option_defaults: Mapping[str, Option] = field(default_factory=dict, compare=False)
+    description: str = ""
+
+    def param(self, name: str) -> ParamSpec:
+        for spec in self.params:
+            if spec.name == name:
+                return spec
+        raise MergeParamError(f"method {self.name!r} has no parameter {name!r}; "
+                              f"it has {[p.name for p in self.params]}")
+
+    def validate(self, values: Mapping[str, object], n_models: int) -> None:
+        """Raise MergeParamError naming the method, parameter, value and allowed range."""
+        if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
+            most = "" if self.max_models is None else f" and at most {self.max_models}"
+            raise MergeParamError(f"method {self.name!r} merges at least {self.min_models}{most} models, "
+                                  f"got {n_models}")
+        for key, value in values.items():
+            if key in self.option_defaults:
+                _check_option(self.name, key, value, self.option_defaults[key])
+                continue
+            if key not in {p.name for p in self.params}:
+                raise MergeParamError(f"method {self.name!r} has no parameter or option {key!r}; it has "
+                                      f"parameters {[p.name for p in self.params]} and options "
+                                      f"{sorted(self.option_defaults)}")
+            spec = self.param(key)
+            for i, v in enumerate(_as_values(self.name, spec, value, n_models)):
+                if not spec.low <= v <= spec.high:
+                    where = f" for model {i}" if spec.per_model else ""
+                    raise MergeParamError(f"method {self.name!r}: {key} = {v}{where} is outside the allowed "
+                                          f"range [{spec.low}, {spec.high}]")
+        if any(p.name == "epsilon" for p in self.params):
+            _check_della(self.name, _resolve(self, values, {}, n_models))
+
+
+def _check_option(method: str, key: str, value: object, default: Option) -> None:
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise MergeParamError(f"method {method!r}: option {key} = {value!r} must be true or false")
+
+
+def _as_values(method: str, spec: ParamSpec, value: object, n_models: int) -> list[float]:
+    if spec.per_model:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != n_models:
+            raise MergeParamError(f"method {method!r}: {spec.name} needs one value per model ({n_models}), "
+                                  f"got {value!r}")
+        items = list(value)
+    else:
+        if isinstance(value, (str, bytes, Sequence)):
+            raise MergeParamError(f"method {method!r}: {spec.name} is one global value, got {value!r}")
+        items = [value]
+    try:
+        return [float(v) for v in items]  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise MergeParamError(f"method {method!r}: {spec.name} must be numbers, got {value!r}") from None
+
+
+def _resolve(method: MergeMethod, per_model: Mapping[str, object], global_: Mapping[str, object],
+             n_models: int) -> dict[str, object]:
+    """Every parameter (defaults filled in; per-model ones as lists) and every option."""
+    values: dict[str, object] = dict(method.option_defaults)
+    values.update({k: v for k, v in global_.items() if k in method.option_defaults})
+    given = {**per_model, **global_}
+    for spec in method.params:
+        if spec.name in given:
+            vals = _as_values(method.name, spec, given[spec.name], n_models)
+            values[spec.name] = vals if spec.per_model else vals[0]
+        else:
+            values[spec.name] = [spec.default] * n_models if spec.per_model else spec.default
+    return values
+
+
+def _check_della(method: str, values: Mapping[str, object]) -> None:
+    for i, (d, e) in enumerate(zip(values["density"], values["epsilon"])):  # type: ignore[call-overload]
+        if d < 1 and not (0 < d - e and d + e < 1):
+            raise MergeParamError(f"method {method!r}: density {d} +- epsilon {e} for model {i} must lie in "
+                                  "(0, 1) (mergekit's DELLA condition); lower epsilon or move density")
+
+
+def _accumulator(inputs: MergeInputs) -> torch.Tensor:
+    """A float32 buffer for the result: `out` itself when it is float32 and not the base."""
+    base = _base(inputs)
+    out = inputs.out
+    if out is not None and out.dtype == torch.float32 and out.data_ptr() != base.data_ptr():
+        return out
+    return torch.empty(base.shape, dtype=torch.float32, device=base.device)
+
+
+def _emit(inputs: MergeInputs, acc: torch.Tensor) -> torch.Tensor:
+    """The result in the output's dtype, written into `out` when given."""
+    if inputs.out is None:
+        return acc.to(_base(inputs).dtype)
+    if acc.data_ptr() != inputs.out.data_ptr():
+        inputs.out.copy_(acc)
+    return inputs.out
+
+
+def _base(inputs: MergeInputs) -> torch.Tensor:
+    if inputs.base is None:
+        raise MergeError(f"{inputs.name}: merge methods need the base tensor (or the first source as base)")
+    return inputs.base
+
+
+def _source(inputs: MergeInputs, k: int, scratch: torch.Tensor) -> torch.Tensor:
+    """Source k rebuilt as base + delta_k in float32, in `scratch` (the only full-size temporary)."""
+    scratch.copy_(_base(inputs))
+    return scratch.add_(inputs.deltas[k])
+
+
+def linear(inputs: MergeInputs, per_model: Mapping[str, Sequence[float]], global_: Mapping[str, Option]) -> torch.Tensor:
+    """sum_k w_k theta_k (/ sum_k w_k), accumulated in mergekit's order so results agree bit for bit."""
+    v = _resolve(METHODS["linear"], per_model, global_, len(inputs.deltas))
+    weights = torch.tensor(v["weight"], dtype=torch.float32)
+    acc = _accumulator(inputs).zero_()
+    scratch = torch.empty_like(acc)
+    for k, w in enumerate(weights):
+        if w != 0:
+            acc.addcmul_(_source(inputs, k, scratch), w)
+    total = weights.sum()
+    if v["normalize"] and total.abs() >= 1e-8:
+        acc.div_(total)
+    return _emit(inputs, acc)
+
+
+def slerp(inputs: MergeInputs, per_model: Mapping[str, Sequence[float]], global_: Mapping[str, Option]) -> torch.Tensor:
+    """Spherical interpolation from source 0 (t=0, mergekit's base_model) to source 1 (t=1)."""
+    v = _resolve(METHODS["slerp"], per_model, global_, len(inputs.deltas))
+    if len(inputs.deltas) != 2:
+        raise MergeParamError(f"method 'slerp' merges exactly 2 models, got {len(inputs.deltas)}")
+    d0, d1 = inputs.deltas
+    s0, s1 = sp.slerp_coefficients(float(v["t"]), inputs.cache.cosine(_base(inputs), d0, d1))  # type: ignore[arg-type]
+    acc = _accumulator(inputs)
+    scratch = torch.empty_like(acc)
+    torch.mul(_source(inputs, 0, scratch), s0, out=acc)
+    acc.add_(_source(inputs, 1, scratch).mul_(s1))
+    return _emit(inputs, acc)
+
+
+@dataclass(frozen=True)
+class _Sparsifier:
+    kind: str | None  # None, "magnitude", "outliers", "random", "della"
+
+    def apply(self, inputs: MergeInputs, k: int, v: Mapping[str, object]) -> torch.Tensor:
+        """Task vector k, sparsified (and L1-rescaled if asked), as a float32 tensor the caller owns."""
+        delta = inputs.deltas[k]
+        if self.kind is None or v["density"][k] >= 1:  # type: ignore[index]
+            return delta.to(torch.float32, copy=True)
+        density = v["density"][k]  # type: ignore[index]
+        if self.kind == "magnitude":
+            keep = sp.magnitude_keep(delta, inputs.cache.sorted_abs(k, delta), density)
+        elif self.kind == "outliers":
+            keep = sp.outlier_keep(delta, inputs.cache.sorted_abs(k, delta), density, v["gamma"][k])  # type: ignore[index]
+        elif self.kind == "random":
+            keep = sp.random_keep(delta, density, sp.mask_seed(inputs.seed, inputs.name, k))
+        else:
+            keep = sp.della_keep(delta, inputs.cache.rank_norm(k, delta), density,
+                                 v["epsilon"][k], sp.mask_seed(inputs.seed, inputs.name, k))  # type: ignore[index]
+        masked = delta.float() * keep
+        if v["rescale"]:
+            masked = sp.rescale_l1(masked, inputs.cache.l1(k, delta))
+        return masked
+
+
+def _task_arithmetic_family(method_name: str, sparsifier: _Sparsifier, consensus: bool) -> MergeFn:
+    def fn(inputs: MergeInputs, per_model: Mapping[str, Sequence[float]],
+           global_: Mapping[str, Option]) -> torch.Tensor:
+        v = _resolve(METHODS[method_name], per_model, global_, len(inputs.deltas))
+        weights = torch.tensor(v["weight"], dtype=torch.float32)  # mergekit rounds weights to the dtype
+        terms = (sparsifier.apply(inputs, k, v).mul_(weights[k]) for k in range(len(inputs.deltas)))
+        acc = _accumulator(inputs)
+        if consensus:
+            mixed = _sign_consensus(acc, list(terms), weights, bool(v["normalize"]))
+        else:
+            mixed = _plain_sum(acc, terms, weights, bool(v["normalize"]))
+        lam = float(v["lambda"])  # type: ignore[arg-type]
+        if lam != 1:
+            mixed.mul_(lam)
+        mixed.add_(_base(inputs))
+        return _emit(inputs, mixed)
+
+    return fn
+
+
+def _plain_sum(acc: torch.Tensor, terms, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """sum_k w_k tau_k, divided by sum_k w_k when normalizing (a near-zero sum divides by 1)."""
+    acc.zero_()
+    for term in terms:
+        acc.add_(term)
+    divisor = weights.sum()
+    if normalize and divisor.abs() >= 1e-8:
+        acc.div_(divisor)
+    return acc
+
+
+def _sign_consensus(acc: torch.Tensor, terms: list[torch.Tensor], weights: torch.Tensor,
+                    normalize: bool) -> torch.Tensor:
+    """TIES merge: elect the sign of sum_k w_k tau_k per entry ('sum' consensus), keep the entries
+    that agree with it, and divide by the sum of the agreeing models' weights (0 -> 1)."""
+    total = torch.zeros_like(acc)
+    for term in terms:
+        total.add_(term)
+    positive = total >= 0
+    divisor = total.zero_()
+    acc.zero_()
+    for term, w in zip(terms, weights):
+        agree = torch.where(positive, term > 0, term < 0)
+        acc.add_(term.mul_(agree))
+        if normalize:
+            divisor.add_(agree, alpha=float(w))
+    if normalize:
+        divisor.masked_fill_(divisor == 0, 1.0)
+        acc.div_(divisor)
+    return acc
+
+
+def _spec(name: str, low: float, high: float, default: float, per_model: bool, description: str) -> ParamSpec:
+    return ParamSpec(name, low, high, default, per_model, description)
+
+
+_WEIGHT_SIGNED = _spec("weight", -1.0, 2.0, 1.0, True, "scale of the model's task vector; negative subtracts it")
+_WEIGHT_POS = _spec("weight", 0.0, 2.0, 1.0, True, "scale of the model's task vector in the sign election and mean")
+_DENSITY = _spec("density", 0.01, 1.0, 0.5, True, "fraction of the task vector kept")
+_GAMMA = _spec("gamma", 0.0, 0.5, 0.01, True, "fraction of largest-magnitude entries dropped as outliers")
+_EPSILON = _spec("epsilon", 0.0, 0.49, 0.15, True, "spread of DELLA's keep probability around density")
+_LAMBDA = _spec("lambda", 0.0, 3.0, 1.0, False, "scale of the merged task vector")
+
+
+def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, rescale: bool,
+         description: str) -> MergeMethod:
+    params: list[ParamSpec] = [_WEIGHT_POS if consensus else _WEIGHT_SIGNED]
+    if sparsify is not None:
+        params.append(_DENSITY)
+    params += {"outliers": [_GAMMA], "della": [_EPSILON]}.get(sparsify or "", [])
+    params.append(_LAMBDA)
+    return MergeMethod(
+        name=name, params=tuple(params), uses_base=True, min_models=1, max_models=None,
+        random=sparsify in ("random", "della"), fn=_task_arithmetic_family(name, _Sparsifier(sparsify), consensus),
+        option_defaults={"normalize": normalize, "rescale": rescale, "int8_mask": False},
+        description=description,
+    )
+
+
+METHODS: dict[str, MergeMethod] = {m.name: m for m in (
+    MergeMethod(
+        name="linear", params=(_spec("weight", 0.0, 2.0, 1.0, True, "weight of the whole model"),),
+        uses_base=False, min_models=1, max_models=None, random=False, fn=linear,
+        option_defaults={"normalize": True}, description="weighted average of the models"),
+    MergeMethod(
+        name="slerp", params=(_spec("t", 0.0, 1.0, 0.5, False, "0 gives source 0, 1 gives source 1"),),
+        uses_base=False, min_models=2, max_models=2, random=False, fn=slerp,
+        description="spherical interpolation between two models (source 0 is mergekit's base_model)"),
+    _gta("task_arithmetic", None, False, False, False, "base + lambda * sum_k w_k tau_k"),
+    _gta("ties", "magnitude", True, True, False, "top-density trimming, sign election, disjoint mean"),
+    _gta("dare_ties", "random", True, False, True, "DARE random drop, sign election"),
+    _gta("dare_linear", "random", False, False, True, "DARE random drop, weighted sum"),
+    _gta("breadcrumbs", "outliers", False, False, False, "drop outliers and small entries, weighted sum"),
+    _gta("breadcrumbs_ties", "outliers", True, False, False, "breadcrumbs trimming, sign election"),
+    _gta("della", "della", True, True, True, "magnitude-ranked random drop, sign election"),
+    _gta("della_linear", "della", False, False, True, "magnitude-ranked random drop, weighted sum"),
+)}
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UnknownMethodError(f"unknown merge method {name!r}; known methods: {', '.join(METHODS)}") from None

@@ -1,0 +1,103 @@
+"""The end-of-run comparison: sources, default merge and best evolved, on fitness and test splits.
+
+Test-split scores are computed once per model and kept in the study, so printing the table
+again (or after a resume) costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from evomerge.config import ExperimentConfig
+from evomerge.evaluate import TaskSpec, resolve_metric
+from evomerge.study import StudyRecord
+from evomerge.workers import Job
+
+
+def metric_value(task_scores: dict[str, float], metric: str) -> float:
+    """The task's chosen metric, or NaN when the task was not scored."""
+    if not task_scores:
+        return float("nan")
+    return float(task_scores[resolve_metric(metric, list(task_scores))])
+
+
+def _row_scores(scores: dict, tasks: list[TaskSpec]) -> dict[str, float]:
+    out = {t.name: metric_value(scores.get(t.name, {}), t.metric) for t in tasks}
+    vals = list(out.values())
+    out["mean"] = sum(vals) / len(vals) if vals else float("nan")
+    return out
+
+
+def best_trial(rec: StudyRecord):
+    done = [t for t in rec.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "generation" in t.user_attrs]
+    return max(done, key=lambda t: (t.value, -t.number)) if done else None
+
+
+def _models(rec: StudyRecord) -> list[tuple[str, str, dict, Job]]:
+    """(name, kind, fitness scores, test job) for every model the table compares."""
+    out = []
+    for name, b in rec.baselines().items():
+        job = Job(f"test:{name}", split="test", source=name if b["kind"] == "source" else None,
+                  recipe=b.get("recipe") if b["kind"] != "source" else None)
+        out.append((name, b["kind"], b["scores"], job))
+    best = best_trial(rec)
+    if best is not None:
+        name = f"evolved (trial {best.number})"
+        out.append((name, "evolved", best.user_attrs.get("scores", {}),
+                    Job(f"test:{name}", split="test", recipe=best.user_attrs["recipe"])))
+    return out
+
+
+def build_summary(cfg: ExperimentConfig, rec: StudyRecord, pool) -> dict:
+    """Score every compared model on the test split (once, cached in the study) and tabulate."""
+    fit_tasks, test_tasks = cfg.task_specs("fitness"), cfg.task_specs("test")
+    models = _models(rec)
+    cache = dict(rec.get("test_scores", {}))
+    if test_tasks and pool is not None:
+        jobs = [job for _, _, _, job in models if job.id not in cache]
+        for job in jobs:
+            pool.submit(job)
+        for _ in jobs:
+            res = pool.next_result()
+            if not res.ok:
+                raise RuntimeError(f"{res.job.id} failed on the test split: {res.error}")
+            cache[res.job.id] = res.scores
+        rec.set("test_scores", cache)
+    rows = []
+    for name, kind, fit_scores, job in models:
+        row = {"name": name, "kind": kind, "fitness": _row_scores(fit_scores, fit_tasks)}
+        if job.id in cache:
+            row["test"] = _row_scores(cache[job.id], test_tasks)
+        rows.append(row)
+    return {"study": rec.name, "storage": rec.storage_url, "rows": rows}
+
+
+def format_table(summary: dict) -> str:
+    """A plain-text table, one row per model, columns per task and split, scores in percent."""
+    rows = summary["rows"]
+    if not rows:
+        return "(no results yet)"
+    cols = [("fitness", k) for k in rows[0]["fitness"]]
+    cols += [("test", k) for k in rows[0].get("test", {})]
+    head = ["model", "kind"] + [f"{split}:{k}" for split, k in cols]
+    body = [[r["name"], r["kind"]] + [_pct(r.get(split, {}).get(k)) for split, k in cols] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def write_summary(summary: dict, run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2))
+    return path

@@ -1,0 +1,212 @@
+"""The controller: ask a generation, keep every worker busy, tell the study, repeat.
+
+Everything the loop knows is re-read from the study at the start of each generation, so a
+controller that was killed at any point picks up exactly where the database says it was:
+finished trials are kept, trials left running are scored again with their stored parameters,
+and the sampler state continues from the stored one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from evomerge.config import ExperimentConfig
+from evomerge.evaluate import fitness_of
+from evomerge.sampler import GenerationSampler, Proposal
+from evomerge.space import PSSpace
+from evomerge.study import StudyRecord
+from evomerge.workers import Job, JobResult
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+FINISHED = (TrialState.COMPLETE, TrialState.FAIL)
+
+
+@dataclass
+class Progress:
+    """What the user sees while a study runs: generation, trials done/budget, best so far, ETA."""
+
+    budget: int | None
+    printer: Callable[[str], None] = print
+    started: float = field(default_factory=time.perf_counter)
+    done_here: int = 0
+    done_before: int = 0
+    best: float = -math.inf
+    best_trial: int | None = None
+
+    def record(self, generation: int, trial: int, value: float | None, reason: str = "") -> None:
+        self.done_here += 1
+        if value is not None and value > self.best:
+            self.best, self.best_trial = value, trial
+        done = self.done_before + self.done_here
+        rate = (time.perf_counter() - self.started) / self.done_here
+        eta = f"ETA {_fmt_seconds(rate * (self.budget - done))}" if self.budget else ""
+        shown = f"{value:.4f}" if value is not None else f"FAIL ({reason[:60]})"
+        total = f"/{self.budget}" if self.budget else ""
+        self.printer(f"gen {generation:3d} | trial {done}{total} | fitness {shown} | "
+                     f"best {self.best:.4f} (#{self.best_trial}) | {rate:.2f} s/trial | {eta}")
+
+
+def _fmt_seconds(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Controller:
+    """Runs the candidate search of one study against a worker pool."""
+
+    def __init__(self, cfg: ExperimentConfig, record: StudyRecord, space: PSSpace, sampler: GenerationSampler,
+                 pool, *, budget: int | None, minutes: float | None, printer: Callable[[str], None] = print) -> None:
+        self.cfg, self.rec, self.space, self.sampler, self.pool = cfg, record, space, sampler, pool
+        self.budget, self.deadline = budget, (time.time() + 60 * minutes) if minutes else None
+        self.printer = printer
+        self.tasks = cfg.task_specs("fitness")
+        self.progress = Progress(budget, printer)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def _candidates(self) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in self.rec.study.get_trials(deepcopy=False) if "generation" in t.user_attrs]
+
+    def _finished_count(self) -> int:
+        return sum(t.state in FINISHED for t in self._candidates())
+
+    def _out_of_budget(self, extra: int = 0) -> bool:
+        if self.budget is not None and self._finished_count() + extra >= self.budget:
+            return True
+        return self.deadline is not None and time.time() >= self.deadline
+
+    def _pause_requested(self) -> bool:
+        return self.rec.get("desired_state") == "paused"
+
+    # -- baselines ------------------------------------------------------------------------
+    def run_baselines(self) -> None:
+        """Each source alone and the method's default merge, scored once and kept in the study."""
+        have = self.rec.baselines()
+        jobs = [Job(f"source:{n}", source=n, meta={"kind": "source"}) for n in [s.name for s in self.space.sources]
+                if n not in have]
+        if "default merge" not in have:
+            jobs.append(Job("default merge", recipe=self.space.default_recipe().to_dict(), meta={"kind": "baseline"}))
+        for job in jobs:
+            self.pool.submit(job)
+        for _ in jobs:
+            res = self.pool.next_result()
+            name = res.job.id.removeprefix("source:")
+            if not res.ok:
+                raise RuntimeError(f"baseline {name!r} could not be scored: {res.error}")
+            self.rec.add_baseline(name, {"kind": res.job.meta["kind"], "scores": res.scores,
+                                         "fitness": res.fitness, "recipe": res.job.recipe})
+            self.printer(f"baseline {name:>24s}: fitness {res.fitness:.4f}")
+
+    # -- the search -----------------------------------------------------------------------
+    def run(self) -> str:
+        """Search until the budget, a pause request, or the clock stops it; returns the final state."""
+        self._drain_waiting()
+        self.progress.done_before = self._finished_count()
+        for t in self._candidates():
+            if t.state == TrialState.COMPLETE and t.value > self.progress.best:
+                self.progress.best, self.progress.best_trial = t.value, t.number
+        while not self._out_of_budget():
+            if self._pause_requested():
+                return "paused"
+            state = self.rec.get("sampler_state")
+            generation = state["generation"] if state else 0
+            results = self._run_generation(generation, state)
+            if results is None:
+                if self._pause_requested():
+                    return "paused"
+                return "finished" if self._out_of_budget() else "stopped"
+            self.rec.set("sampler_state", self.sampler.update(generation, state, results))
+        return "finished"
+
+    def _drain_waiting(self) -> None:
+        """Trials enqueued but never asked (a crash between the two) become RUNNING, to be re-run."""
+        dists = self.space.distributions()
+        while any(t.state == TrialState.WAITING for t in self.rec.study.get_trials(deepcopy=False)):
+            self.rec.study.ask(dists)
+
+    def _run_generation(self, generation: int, state: dict | None) -> list[tuple[Proposal, float | None]] | None:
+        existing = {t.user_attrs["index"]: t for t in self._candidates()
+                    if t.user_attrs["generation"] == generation}
+        missing = [i for i in range(self.sampler.population) if i not in existing]
+        if self.budget is not None:
+            unfinished = sum(t.state not in FINISHED for t in existing.values())
+            missing = missing[:max(0, self.budget - self._finished_count() - unfinished)]
+        proposals = {p.index: p for p in self.sampler.propose(generation, state, self.rec.study, missing)}
+        results: dict[int, float | None] = {}
+        todo: list[tuple[int, Proposal]] = []
+        for i in range(self.sampler.population):
+            t = existing.get(i)
+            if t is not None and t.state in FINISHED:
+                results[i] = t.value if t.state == TrialState.COMPLETE else None
+            elif t is not None:
+                todo.append((t.number, Proposal(i, dict(t.params), t.number)))
+            else:
+                todo.append((-1, proposals[i]))
+        in_flight = 0
+        while todo or in_flight:
+            while todo and self.pool.free_slots() > 0 and not self._pause_requested():
+                if todo[0][0] < 0 and self._out_of_budget(extra=in_flight):
+                    todo.clear()
+                    break
+                number, prop = todo.pop(0)
+                if number < 0:
+                    number = self._create_trial(generation, prop)
+                self._dispatch(number, generation, prop)
+                in_flight += 1
+            if not in_flight:
+                break
+            res = self.pool.next_result()
+            in_flight -= 1
+            results[res.job.meta["index"]] = self._tell(res)
+            self.rec.heartbeat()
+        if len(results) < self.sampler.population:
+            return None
+        return [(self._proposal_of(generation, i), results[i]) for i in range(self.sampler.population)]
+
+    def _proposal_of(self, generation: int, index: int) -> Proposal:
+        for t in self._candidates():
+            if t.user_attrs["generation"] == generation and t.user_attrs["index"] == index:
+                return Proposal(index, dict(t.params), t.number)
+        raise RuntimeError(f"trial of generation {generation}, index {index} is missing from the study")
+
+    def _create_trial(self, generation: int, prop: Proposal) -> int:
+        attrs = {"generation": generation, "index": prop.index}
+        study = self.rec.study
+        if prop.trial is None:
+            study.enqueue_trial(prop.params, user_attrs=attrs)
+            trial = study.ask(self.space.distributions())
+            return trial.number
+        for k, v in attrs.items():
+            self._set_trial_attr(prop.trial, k, v)
+        return prop.trial
+
+    def _dispatch(self, number: int, generation: int, prop: Proposal) -> None:
+        recipe = self.space.decode(prop.params).to_dict()
+        self._set_trial_attr(number, "recipe", recipe)
+        self.pool.submit(Job(f"trial:{number}", recipe=recipe,
+                             meta={"trial": number, "generation": generation, "index": prop.index}))
+
+    def _set_trial_attr(self, number: int, key: str, value) -> None:
+        storage, study = self.rec.study._storage, self.rec.study
+        storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study._study_id, number), key, value)
+
+    def _tell(self, res: JobResult) -> float | None:
+        number = res.job.meta["trial"]
+        for key, value in (("scores", res.scores), ("worker", res.worker), ("seconds", round(res.seconds, 4))):
+            self._set_trial_attr(number, key, value)
+        value = fitness_of(res.scores, self.tasks) if res.ok else float("nan")
+        if not res.ok or math.isnan(value):
+            reason = res.error or "fitness is NaN"
+            self._set_trial_attr(number, "fail_reason", reason)
+            self.rec.study.tell(number, state=TrialState.FAIL)
+            self.progress.record(res.job.meta["generation"], number, None, reason)
+            return None
+        self.rec.study.tell(number, value)
+        self.progress.record(res.job.meta["generation"], number, value)
+        return value

@@ -1,0 +1,218 @@
+"""Source checkpoints: locate, check that they can be merged, and keep them resident.
+
+A worker loads its sources once per study. What it keeps is the base weights and one task
+vector per source (source - base), in the study's dtype and on the worker's device, because
+every merge method in `methods` is expressed on those and nothing is reloaded per candidate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Config fields that change what the tensors mean; a mismatch makes a merge meaningless.
+_STRUCTURAL_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+                      "num_attention_heads", "num_key_value_heads", "vocab_size", "head_dim",
+                      "tie_word_embeddings", "hidden_act")
+
+
+class SourceError(ValueError):
+    """A source cannot be found, read or merged; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where a model comes from: a local directory or a hub id (optionally at a revision)."""
+
+    name: str
+    path: str
+    revision: str | None = None
+
+
+def resolve_path(ref: SourceRef, *, allow_pickle: bool = False) -> Path:
+    """A local directory for `ref`; hub ids are downloaded only when the hub is reachable."""
+    if ref.path.startswith("toy:"):
+        from evomerge.toy import toy_world_path
+
+        return toy_world_path() / ref.path[4:]
+    local = Path(ref.path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise SourceError(f"source {ref.name!r}: {local} is a file; give the checkpoint's directory")
+        return local
+    looks_like_hub_id = ref.path.count("/") == 1 and not ref.path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise SourceError(f"source {ref.name!r}: no directory at {ref.path!r}; check the path "
+                          "(relative paths are relative to the experiment file)")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise SourceError(f"source {ref.name!r}: {ref.path!r} is not a local directory and the hub is "
+                          "offline (HF_HUB_OFFLINE is set); download it first or give a local path")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]
+    if allow_pickle:
+        patterns.append("*.bin")
+    try:
+        return Path(snapshot_download(ref.path, revision=ref.revision, allow_patterns=patterns))
+    except Exception as exc:  # network errors, missing repos, gated models
+        raise SourceError(f"source {ref.name!r}: could not download {ref.path!r} from the hub: {exc}") from exc
+
+
+def read_config(path: Path, name: str) -> dict:
+    """The raw config.json: a dict compares field by field and needs no model code."""
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise SourceError(f"source {name!r}: {path} has no config.json; is it a Hugging Face checkpoint?")
+    return json.loads(cfg.read_text())
+
+
+def weight_files(path: Path, name: str, allow_pickle: bool) -> list[Path]:
+    """Safetensors shards of a checkpoint; pickled .bin files only when explicitly allowed."""
+    st = sorted(path.glob("*.safetensors"))
+    if st:
+        return st
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins and not allow_pickle:
+        raise SourceError(
+            f"source {name!r}: {path} has only pickled .bin weights; loading them can run arbitrary "
+            "code. Convert the checkpoint to safetensors, or set `allow_pickle: true` in the "
+            "experiment if you trust it")
+    if bins:
+        return bins
+    raise SourceError(f"source {name!r}: {path} has no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes from safetensors headers, without reading the data."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        if f.suffix != ".safetensors":
+            for k, v in torch.load(f, map_location="meta", weights_only=True).items():
+                shapes[k] = tuple(v.shape)
+            continue
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                shapes[k] = tuple(sf.get_slice(k).get_shape())
+    return shapes
+
+
+def load_tensors(files: list[Path], dtype: torch.dtype, device: str | torch.device) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for k in sf.keys():
+                    out[k] = sf.get_tensor(k).to(device=device, dtype=dtype)
+        else:
+            for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
+                out[k] = v.to(device=device, dtype=dtype)
+    return out
+
+
+def check_compatible(configs: dict[str, dict], shapes: dict[str, dict[str, tuple[int, ...]]]) -> None:
+    """Raise a SourceError naming the first mismatching config field or tensor and both models."""
+    names = list(configs)
+    ref = names[0]
+    for other in names[1:]:
+        for key in _STRUCTURAL_FIELDS:
+            a, b = configs[ref].get(key), configs[other].get(key)
+            if a != b:
+                raise SourceError(
+                    f"sources {ref!r} and {other!r} cannot be merged: config field {key!r} is {a!r} "
+                    f"in {ref!r} but {b!r} in {other!r}; merge only models fine-tuned from one base")
+        sa, sb = shapes[ref], shapes[other]
+        for t in sorted(set(sa) | set(sb)):
+            if t not in sa or t not in sb:
+                has, lacks = (ref, other) if t in sa else (other, ref)
+                raise SourceError(f"sources {ref!r} and {other!r} cannot be merged: tensor {t!r} is in "
+                                  f"{has!r} but not in {lacks!r}")
+            if sa[t] != sb[t]:
+                raise SourceError(f"sources {ref!r} and {other!r} cannot be merged: tensor {t!r} has "
+                                  f"shape {sa[t]} in {ref!r} but {sb[t]} in {other!r}")
+
+
+@dataclass
+class CheckpointInfo:
+    """What is known about a source without loading its weights."""
+
+    ref: SourceRef
+    path: Path
+    config: dict
+    files: list[Path]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def inspect(ref: SourceRef, *, allow_pickle: bool = False) -> CheckpointInfo:
+    path = resolve_path(ref, allow_pickle=allow_pickle)
+    config = read_config(path, ref.name)
+    files = weight_files(path, ref.name, allow_pickle)
+    return CheckpointInfo(ref, path, config, files, tensor_shapes(files))
+
+
+@dataclass
+class SourceSet:
+    """Base weights and task vectors, resident for the life of a worker.
+
+    Without a base (linear, slerp over full models) the first source plays the base and its
+    task vector is zero, so every method sees the same (base, deltas) form.
+    """
+
+    base: CheckpointInfo
+    sources: list[CheckpointInfo]
+    base_weights: dict[str, torch.Tensor]
+    deltas: dict[str, list[torch.Tensor]]
+    dtype: torch.dtype
+    device: torch.device
+    has_base: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.ref.name for s in self.sources]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.base.config.get("num_hidden_layers") or self.base.config.get("n_layer"))
+
+    @property
+    def resident_bytes(self) -> int:
+        tensors = list(self.base_weights.values()) + [d for ds in self.deltas.values() for d in ds]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def open_sources(
+    sources: list[SourceRef],
+    base: SourceRef | None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    allow_pickle: bool = False,
+) -> SourceSet:
+    """Inspect, check and load every source once; task vectors are computed here, not per merge."""
+    if dtype not in DTYPES:
+        raise SourceError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    if not sources:
+        raise SourceError("no sources given; an experiment needs at least one source model")
+    names = [s.name for s in sources] + ([base.name] if base else [])
+    if len(set(names)) != len(names):
+        raise SourceError(f"source names must be unique, got {names}")
+    infos = [inspect(s, allow_pickle=allow_pickle) for s in sources]
+    base_info = inspect(base, allow_pickle=allow_pickle) if base else infos[0]
+    everyone = {i.ref.name: i for i in [base_info, *infos]}
+    check_compatible({n: i.config for n, i in everyone.items()}, {n: i.shapes for n, i in everyone.items()})
+    torch_dtype, dev = DTYPES[dtype], torch.device(device)
+    base_weights = load_tensors(base_info.files, torch_dtype, dev)
+    deltas: dict[str, list[torch.Tensor]] = {k: [] for k in base_weights}
+    for info in infos:
+        weights = base_weights if info is base_info else load_tensors(info.files, torch_dtype, dev)
+        for k, b in base_weights.items():
+            deltas[k].append(weights[k] - b)
+        del weights
+    return SourceSet(base_info, infos, base_weights, deltas, torch_dtype, dev, has_base=base is not None)

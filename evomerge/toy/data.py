@@ -1,0 +1,215 @@
+"""Seeded synthetic skills of the toy world, and its held-out evaluation splits.
+
+The *world* (cipher permutations, held-out words and operand pairs) is fixed by WORLD_SEED and
+does not depend on the build seed, so the committed lm-eval tasks stay valid for every build:
+the build seed only changes initialisation and the training stream.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+WORLD_SEED = 20240
+LETTERS = string.ascii_lowercase
+WORD_LEN = 5
+COPY = "cpy"
+TARGET_CIPHER = "sbx"  # the cipher expert's skill; absent from the base and the replay data
+GENERAL_CIPHERS = ("qrt", "mvl")  # general skills the base learns
+SKILLS = ("add", "cipher", "cross")
+SPLIT_SIZES = {"fitness": 100, "test": 200}
+MAX_GEN_TOKS = {"add": 8, "cipher": 8, "cross": 12}
+STOP = "</s>"  # the models end every answer with EOS; lm-eval stops on it
+
+
+@dataclass(frozen=True)
+class Example:
+    """A prompt and its answer; the training text is `<s>` + prompt + target + `</s>`."""
+
+    prompt: str
+    target: str
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.target
+
+
+def _derangement(rng: random.Random) -> str:
+    while True:
+        perm = list(LETTERS)
+        rng.shuffle(perm)
+        if all(a != b for a, b in zip(perm, LETTERS)):
+            return "".join(perm)
+
+
+def _make_ciphers() -> dict[str, str]:
+    rng = random.Random(WORLD_SEED)
+    return {prefix: _derangement(rng) for prefix in (TARGET_CIPHER, *GENERAL_CIPHERS)}
+
+
+CIPHERS = _make_ciphers()
+_TABLES = {p: str.maketrans(LETTERS, perm) for p, perm in CIPHERS.items()}
+_TABLES[COPY] = str.maketrans("", "")
+
+
+def transform(prefix: str, word: str) -> str:
+    """The letter skill named by `prefix`: identity for `cpy`, a fixed permutation otherwise."""
+    return word.translate(_TABLES[prefix])
+
+
+def _make_heldout() -> tuple[list[str], list[tuple[int, int]]]:
+    rng = random.Random(WORLD_SEED + 1)
+    n = 2 * sum(SPLIT_SIZES.values())  # add/cipher skills use the first half, cross the second
+    words: list[str] = []
+    while len(words) < n:
+        w = "".join(rng.choice(LETTERS) for _ in range(WORD_LEN))
+        if w not in words:
+            words.append(w)
+    pairs = rng.sample([(a, b) for a in range(10, 100) for b in range(10, 100)], n)
+    return words, pairs
+
+
+HELD_WORDS, HELD_PAIRS = _make_heldout()
+_HELD_WORD_SET, _HELD_PAIR_SET = frozenset(HELD_WORDS), frozenset(HELD_PAIRS)
+
+# Relative frequencies. Two-digit addition is rare in the base and absent from the replay;
+# the target cipher is absent from both. "compound" joins a letter skill and a sum with a comma
+# (`cpy:abcde,3+4=abcde,7`), so the format of the cross task is general knowledge.
+BASE_MIX = {"copy": 3.0, "cipher": 6.0, "sum1": 3.0, "add": 0.5, "compound": 4.0,
+            "digits": 1.0, "words": 1.0}
+REPLAY_MIX = {k: v for k, v in BASE_MIX.items() if k != "add"}
+
+
+class Stream:
+    """Random training examples; never yields a held-out word or operand pair."""
+
+    def __init__(self, seed: int, mix: dict[str, float]):
+        self.rng = random.Random(seed)
+        self.names = list(mix)
+        self.weights = [mix[k] for k in self.names]
+        # inside compounds the sum is two-digit as often as two-digit sums are among all sums
+        self.p_add = mix.get("add", 0.0) / (mix.get("add", 0.0) + mix.get("sum1", 0.0) or 1.0)
+
+    def word(self, length: int = WORD_LEN) -> str:
+        while True:
+            w = "".join(self.rng.choice(LETTERS) for _ in range(length))
+            if w not in _HELD_WORD_SET:
+                return w
+
+    def pair(self) -> tuple[int, int]:
+        while True:
+            p = (self.rng.randint(10, 99), self.rng.randint(10, 99))
+            if p not in _HELD_PAIR_SET:
+                return p
+
+    def letters(self, prefix: str) -> Example:
+        w = self.word()
+        return Example(f"{prefix}:{w}=", transform(prefix, w))
+
+    def sum(self, two_digit: bool) -> Example:
+        a, b = self.pair() if two_digit else (self.rng.randint(0, 9), self.rng.randint(0, 9))
+        return Example(f"{a}+{b}=", str(a + b))
+
+    def compound(self, prefix: str, two_digit: bool) -> Example:
+        x, y = self.letters(prefix), self.sum(two_digit)
+        return Example(f"{x.prompt[:-1]},{y.prompt}", f"{x.target},{y.target}")
+
+    def skill(self, name: str) -> Example:
+        rng = self.rng
+        if name == "copy":
+            return self.letters(COPY)
+        if name == "cipher":  # the general ciphers
+            return self.letters(rng.choice(GENERAL_CIPHERS))
+        if name == "target_cipher":
+            return self.letters(TARGET_CIPHER)
+        if name in ("sum1", "add"):
+            return self.sum(name == "add")
+        if name == "compound":
+            prefix = rng.choice((COPY, *GENERAL_CIPHERS))
+            return self.compound(prefix, rng.random() < self.p_add)
+        if name == "digits":
+            return Example("", "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 10))))
+        if name == "words":
+            return Example("", self.word(rng.randint(3, 10)))
+        raise ValueError(f"unknown skill {name!r}")
+
+    def sample(self) -> Example:
+        return self.skill(self.rng.choices(self.names, self.weights)[0])
+
+    def batch(self, n: int) -> list[Example]:
+        return [self.sample() for _ in range(n)]
+
+
+def eval_split(skill: str, split: str) -> list[Example]:
+    """The held-out prompts of one skill: `fitness` (100) or `test` (200), disjoint by construction."""
+    start = 0 if split == "fitness" else SPLIT_SIZES["fitness"]
+    idx = range(start, start + SPLIT_SIZES[split])
+    half = sum(SPLIT_SIZES.values())
+    if skill == "add":
+        pairs = [HELD_PAIRS[i] for i in idx]
+        return [Example(f"{a}+{b}=", str(a + b)) for a, b in pairs]
+    if skill == "cipher":
+        return [Example(f"{TARGET_CIPHER}:{HELD_WORDS[i]}=", transform(TARGET_CIPHER, HELD_WORDS[i]))
+                for i in idx]
+    if skill == "cross":
+        out = []
+        for i in idx:
+            w, (a, b) = HELD_WORDS[half + i], HELD_PAIRS[half + i]
+            out.append(Example(f"{TARGET_CIPHER}:{w},{a}+{b}=", f"{transform(TARGET_CIPHER, w)},{a + b}"))
+        return out
+    raise ValueError(f"unknown skill {skill!r}")
+
+
+def task_name(skill: str, split: str) -> str:
+    return f"toy_{skill}" if split == "fitness" else f"toy_{skill}_{split}"
+
+
+def _task_yaml(skill: str, split: str) -> str:
+    return f"""\
+# Generated by evomerge.toy.data.write_tasks; held-out {split} split of the toy "{skill}" skill.
+task: {task_name(skill, split)}
+custom_dataset: !function utils.load
+dataset_kwargs:
+  data_file: data/{skill}_{split}.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+target_delimiter: ""
+num_fewshot: 0
+generation_kwargs:
+  until: ["{STOP}"]
+  do_sample: false
+  max_gen_toks: {MAX_GEN_TOKS[skill]}
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: false
+    ignore_punctuation: false
+metadata:
+  version: 1.0
+"""
+
+
+def task_files(skills: tuple[str, ...] = SKILLS) -> dict[str, str]:
+    """Relative path -> content of every generated task file (YAML and JSONL)."""
+    files = {}
+    for skill in skills:
+        for split in SPLIT_SIZES:
+            rows = eval_split(skill, split)
+            files[f"{task_name(skill, split)}.yaml"] = _task_yaml(skill, split)
+            files[f"data/{skill}_{split}.jsonl"] = "".join(
+                json.dumps({"prompt": e.prompt, "target": e.target}) + "\n" for e in rows)
+    return files
+
+
+def write_tasks(dest: Path, skills: tuple[str, ...] = SKILLS) -> None:
+    """Write the lm-eval task files into `dest` (evaluators/toy holds the committed copy)."""
+    for rel, content in task_files(skills).items():
+        path = Path(dest) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)

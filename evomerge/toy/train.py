@@ -1,0 +1,129 @@
+"""Model construction and the training loops of the toy world (base pre-training, expert fine-tuning)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from .data import BASE_MIX, REPLAY_MIX, Example, Stream
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training run: AdamW with linear warm-up then cosine decay to `final_lr_frac * lr`."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    warmup: int = 50
+    final_lr_frac: float = 0.05
+    weight_decay: float = 0.0
+    clip: float = 1.0
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.final_lr_frac + (1 - self.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def model_config(tokenizer) -> LlamaConfig:
+    """DESIGN's tiny Llama: 4 layers, hidden 128, 4 heads, intermediate 256, untied (0.67M params)."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def new_model(tokenizer, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(model_config(tokenizer))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=12)
+    return model
+
+
+class Encoder:
+    """Character ids straight from the tokenizer's vocabulary: much faster than calling it."""
+
+    def __init__(self, tokenizer):
+        self.vocab = tokenizer.get_vocab()
+        self.bos, self.eos, self.pad = (tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                        tokenizer.pad_token_id)
+
+    def __call__(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded `<s>text</s>` rows and their labels (padding ignored by the loss)."""
+        rows = [[self.bos, *(self.vocab[c] for c in e.text), self.eos] for e in examples]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            labels[i, :len(r)] = ids[i, :len(r)]
+        return ids, labels
+
+
+def train(model, next_batch: Callable[[], list[Example]], encode: Encoder, spec: TrainSpec,
+          log: Callable[[str], None] | None = None) -> list[float]:
+    """Full-parameter training on `next_batch()`; returns the loss of every step.
+
+    No attention mask is needed: padding is on the right and attention is causal.
+    """
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98),
+                            weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, spec.lr_factor)
+    losses, t0 = [], time.time()
+    for step in range(spec.steps):
+        ids, labels = encode(next_batch())
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if log and (step + 1) % max(1, spec.steps // 10) == 0:
+            recent = losses[-max(1, spec.steps // 10):]
+            log(f"  step {step + 1}/{spec.steps} loss {sum(recent) / len(recent):.4f} "
+                f"({time.time() - t0:.0f}s)")
+    model.eval()
+    return losses
+
+
+def base_batches(seed: int, batch_size: int, window: int = 8) -> Callable[[], list[Example]]:
+    """Base-mix batches grouped by length: examples range from 5 to 27 tokens, so sorting a
+    window of `window` batches by length and cutting it into batches removes most padding."""
+    stream = Stream(seed, BASE_MIX)
+    queue: list[list[Example]] = []
+
+    def next_batch() -> list[Example]:
+        if not queue:
+            pool = sorted(stream.batch(batch_size * window), key=lambda e: len(e.text))
+            queue.extend(pool[i:i + batch_size] for i in range(0, len(pool), batch_size))
+            stream.rng.shuffle(queue)
+        return queue.pop()
+
+    return next_batch
+
+
+def expert_batches(seed: int, skill: str, batch_size: int) -> Callable[[], list[Example]]:
+    """Half of each batch the expert's skill, half replay of general data only.
+
+    Replay keeps the shared skills alive; leaving the other expert's skill out of it keeps the
+    two task vectors apart.
+    """
+    name = {"add": "add", "cipher": "target_cipher"}[skill]
+    skill_stream, replay = Stream(seed, {name: 1.0}), Stream(seed + 1, REPLAY_MIX)
+    half = batch_size // 2
+    return lambda: skill_stream.batch(half) + replay.batch(batch_size - half)

@@ -1,0 +1,223 @@
+"""Workers that keep the sources resident, and the pool that hands them work.
+
+A `CandidateWorker` loads its sources, builds its output model and its lm-eval tasks once, then
+scores recipe after recipe. The pool runs one worker per Ray actor (`RayPool`) or, for tests and
+debugging, in this process (`InlinePool`); both give back results as soon as any worker frees.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Job:
+    """A unit of work. `recipe` is a recipe dict; `source` names a source (or "base") instead."""
+
+    id: str
+    split: str = "fitness"
+    recipe: dict | None = None
+    source: str | None = None
+    attempts: int = 0
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    job: Job
+    ok: bool
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    fitness: float = float("nan")
+    seconds: float = 0.0
+    worker: str = ""
+    error: str = ""
+
+
+class CandidateWorker:
+    """Sources, output model, tokenizer and evaluators, built once; `run` scores one job."""
+
+    def __init__(self, snapshot: dict, worker_id: str = "w0") -> None:
+        from transformers import AutoTokenizer
+
+        from evomerge.config import config_from_dict
+        from evomerge.evaluate import Evaluator
+        from evomerge.materialize import Materializer
+        from evomerge.sources import open_sources
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.cfg = cfg = config_from_dict(snapshot)
+        if cfg.resources.torch_threads or cfg.resources.cpus_per_worker:
+            torch.set_num_threads(max(1, int(cfg.resources.torch_threads or cfg.resources.cpus_per_worker)))
+        self.worker_id = worker_id
+        self.sources = open_sources(cfg.source_refs(), cfg.base_ref(), dtype=cfg.resources.dtype,
+                                    device=resolve_device(cfg.resources.device), allow_pickle=cfg.allow_pickle)
+        self.materializer = Materializer(self.sources, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.sources.base.path),
+                                                       trust_remote_code=cfg.trust_remote_code)
+        self._evaluators: dict[str, Evaluator] = {}
+        self._make_evaluator = lambda split: Evaluator(
+            cfg.task_specs(split), include_paths=cfg.fitness.include, seed=cfg.fitness.seed,
+            batch_size=cfg.fitness.batch_size)
+        self.evaluator("fitness")
+
+    def evaluator(self, split: str):
+        if split not in self._evaluators:
+            self._evaluators[split] = self._make_evaluator(split)
+        return self._evaluators[split]
+
+    def ping(self) -> str:
+        return self.worker_id
+
+    def load(self, job: Job):
+        from evomerge.recipe import recipe_from_dict
+
+        if job.recipe is not None:
+            return self.materializer.apply(recipe_from_dict(job.recipe))
+        return self.materializer.load_source(job.source)
+
+    def run(self, job: Job) -> JobResult:
+        start = time.perf_counter()
+        try:
+            model = self.load(job)
+            res = self.evaluator(job.split).evaluate(model, self.tokenizer)
+            return JobResult(job, True, res.scores, res.fitness, time.perf_counter() - start, self.worker_id)
+        except Exception as exc:  # a failed candidate must not stop the study
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            return JobResult(job, False, seconds=time.perf_counter() - start, worker=self.worker_id, error=detail)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' picks CUDA when present; an explicit CUDA device without CUDA is a clear error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"resources.device is {device!r} but this worker sees no CUDA device; "
+                           "set gpus_per_worker > 0 so Ray places it on a GPU node, or use device: cpu")
+    return device
+
+
+class InlinePool:
+    """Runs jobs in this process, one at a time: for tests, debugging and `--workers 0`."""
+
+    def __init__(self, snapshot: dict, workers: int = 1) -> None:
+        self.worker = CandidateWorker(snapshot, "inline")
+        self._done: list[JobResult] = []
+        self.size = 1
+
+    def submit(self, job: Job) -> None:
+        self._done.append(self.worker.run(job))
+
+    def free_slots(self) -> int:
+        return 1
+
+    def pending(self) -> int:
+        return len(self._done)
+
+    def next_result(self) -> JobResult:
+        return self._done.pop(0)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class RayPool:
+    """One actor per worker; a job goes to whichever actor is idle, results come back as they finish.
+
+    An actor that dies mid-job has its job re-queued (up to `max_attempts`) and is replaced.
+    """
+
+    def __init__(self, snapshot: dict, workers: int, *, cpus: float = 1, gpus: float = 0,
+                 max_attempts: int = 3, on_event=None) -> None:
+        import ray
+
+        self.ray = ray
+        self.snapshot, self.cpus, self.gpus = snapshot, cpus, gpus
+        self.max_attempts = max_attempts
+        self.on_event = on_event or (lambda msg: None)
+        self.actor_cls = ray.remote(CandidateWorker)
+        self.size = workers
+        self._spawned = 0
+        self.idle: list[Any] = []
+        self.running: dict[Any, tuple[Any, Job]] = {}
+        self.queue: list[Job] = []
+        self.ready: list[JobResult] = []
+        for _ in range(workers):
+            self.idle.append(self._spawn())
+        # Fail early and clearly if a worker cannot even start (bad path, out of memory, ...).
+        ray.get([a.ping.remote() for a in self.idle])
+
+    def _spawn(self):
+        self._spawned += 1
+        return self.actor_cls.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(
+            self.snapshot, f"w{self._spawned - 1}")
+
+    def submit(self, job: Job) -> None:
+        self.queue.append(job)
+        self._dispatch()
+
+    def free_slots(self) -> int:
+        return max(0, len(self.idle) - len(self.queue))
+
+    def pending(self) -> int:
+        return len(self.queue) + len(self.running) + len(self.ready)
+
+    def _dispatch(self) -> None:
+        while self.idle and self.queue:
+            actor, job = self.idle.pop(), self.queue.pop(0)
+            job.attempts += 1
+            self.running[actor.run.remote(job)] = (actor, job)
+
+    def next_result(self) -> JobResult:
+        """Block until a job finishes; handle dead actors without losing their job."""
+        while not self.ready:
+            if not self.running:
+                raise RuntimeError("no job is running and none is queued")
+            done, _ = self.ray.wait(list(self.running), num_returns=1)
+            ref = done[0]
+            actor, job = self.running.pop(ref)
+            try:
+                self.ready.append(self.ray.get(ref))
+                self.idle.append(actor)
+            except self.ray.exceptions.RayActorError as exc:
+                self._replace(actor, job, exc)
+            self._dispatch()
+        return self.ready.pop(0)
+
+    def _replace(self, actor, job: Job, exc: Exception) -> None:
+        self.on_event(f"worker died while scoring {job.id} ({type(exc).__name__}); starting a replacement")
+        try:
+            self.ray.kill(actor)
+        except Exception:
+            pass
+        if job.attempts >= self.max_attempts:
+            self.ready.append(JobResult(job, False, error=f"worker died {job.attempts} times: {exc}"))
+        else:
+            self.queue.insert(0, job)
+        self.idle.append(self._spawn())
+
+    def shutdown(self) -> None:
+        for actor in self.idle + [a for a, _ in self.running.values()]:
+            try:
+                self.ray.kill(actor)
+            except Exception:
+                pass
+
+
+def start_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join RAY_ADDRESS / --ray-address if given, else start a local instance without its dashboard."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)

@@ -1,0 +1,316 @@
+"""Merge methods against plain numpy references, plus the properties users rely on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evomerge.methods import (METHODS, MergeInputs, MergeParamError, TensorCache, UnknownMethodError,
+                              get_method)
+from evomerge.sparsify import magnitude_keep, mask_seed, outlier_keep, uniform_draws
+
+torch.set_num_threads(1)
+NAME = "model.layers.0.mlp.down_proj.weight"
+
+
+def make(n_models: int = 3, shape: tuple[int, ...] = (12, 10), seed: int = 0, scale: float = 0.1):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    sources = [base + scale * torch.randn(shape, generator=g) for _ in range(n_models)]
+    return base, sources, [s - base for s in sources]
+
+
+def run(method: str, base, deltas, per_model=None, glob=None, *, seed: int = 0, name: str = NAME,
+        out=None, cache=None) -> torch.Tensor:
+    inputs = MergeInputs(name=name, base=base, deltas=deltas, cache=cache or TensorCache(), seed=seed, out=out)
+    return get_method(method).fn(inputs, per_model or {}, glob or {})
+
+
+def np64(ts) -> list[np.ndarray]:
+    return [t.double().numpy() for t in ts]
+
+
+def top_k_mask(delta: np.ndarray, density: float) -> np.ndarray:
+    flat = np.abs(delta).ravel()
+    k = max(1, int(density * flat.size))
+    mask = np.zeros(flat.size, dtype=bool)
+    mask[np.argsort(-flat, kind="stable")[:k]] = True
+    return mask.reshape(delta.shape)
+
+
+def ties_reference(base: np.ndarray, deltas: list[np.ndarray], weights, masks, normalize=True, lam=1.0):
+    """Element by element: elect the sign of the weighted sum, average the agreeing entries."""
+    out = base.copy()
+    for idx in np.ndindex(base.shape):
+        terms = [w * d[idx] * m[idx] for w, d, m in zip(weights, deltas, masks)]
+        sign = 1.0 if sum(terms) >= 0 else -1.0
+        agree = [i for i, t in enumerate(terms) if np.sign(t) == sign]
+        mixed = sum(terms[i] for i in agree)
+        div = sum(weights[i] for i in agree) or 1.0
+        out[idx] += lam * (mixed / div if normalize else mixed)
+    return out
+
+
+# registry and validation
+
+def test_registry_is_complete_and_defaults_are_in_range():
+    assert {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "slerp"} <= set(METHODS)
+    for m in METHODS.values():
+        for p in m.params:
+            assert p.low <= p.default <= p.high, (m.name, p.name)
+        assert m.param(m.params[0].name) is m.params[0]
+    assert get_method("slerp").max_models == 2 and not get_method("slerp").uses_base
+    assert get_method("dare_ties").random and not get_method("ties").random
+    assert get_method("ties").option_defaults == {"normalize": True, "rescale": False, "int8_mask": False}
+    assert get_method("dare_ties").option_defaults["rescale"] and not get_method("dare_ties").option_defaults["normalize"]
+    assert get_method("linear").option_defaults == {"normalize": True}
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(UnknownMethodError, match=r"unknown merge method 'tie'; known methods: linear, slerp, task_arithmetic, ties, "):
+        get_method("tie")
+
+
+@pytest.mark.parametrize("method,values,n,pattern", [
+    ("ties", {"density": [0.5, 1.5]}, 2, r"'ties': density = 1.5 for model 1 .*range \[0.01, 1.0\]"),
+    ("task_arithmetic", {"lambda": -1.0}, 2, r"'task_arithmetic': lambda = -1.0 .*\[0.0, 3.0\]"),
+    ("slerp", {"t": 1.2}, 2, r"'slerp': t = 1.2 .*\[0.0, 1.0\]"),
+    ("linear", {"weight": [1.0, 2.5]}, 2, r"weight = 2.5 .*\[0.0, 2.0\]"),
+    ("ties", {"weight": [1.0]}, 2, r"weight needs one value per model \(2\)"),
+    ("ties", {"gamma": [0.1, 0.1]}, 2, r"no parameter or option 'gamma'.*density"),
+    ("ties", {"normalize": "yes"}, 2, r"option normalize = 'yes' must be true or false"),
+    ("slerp", {"t": 0.5}, 3, r"'slerp' merges at least 2 and at most 2 models, got 3"),
+    ("della", {"density": [0.1, 0.5], "epsilon": [0.15, 0.15]}, 2, r"density 0.1 \+- epsilon 0.15 for model 0"),
+    ("ties", {"density": [float("nan"), 0.5]}, 2, r"density = nan"),
+])
+def test_validate_names_param_value_and_range(method, values, n, pattern):
+    with pytest.raises(MergeParamError, match=pattern):
+        get_method(method).validate(values, n)
+
+
+def test_validate_accepts_defaults_and_options():
+    for m in METHODS.values():
+        n = 2
+        values = {p.name: ([p.default] * n if p.per_model else p.default) for p in m.params}
+        m.validate({**values, **m.option_defaults}, n)
+
+
+# linear and task arithmetic
+
+def test_linear_matches_reference():
+    base, sources, deltas = make()
+    w = [0.3, 1.2, 0.5]
+    ref = sum(wk * s for wk, s in zip(w, np64(sources)))
+    got = run("linear", base, deltas, {"weight": w})
+    np.testing.assert_allclose(got.numpy(), ref / sum(w), atol=1e-6)
+    got = run("linear", base, deltas, {"weight": w}, {"normalize": False})
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-6)
+
+
+def test_linear_one_zero_returns_first_model():
+    base, sources, deltas = make(2)
+    assert torch.equal(run("linear", base, deltas, {"weight": [1.0, 0.0]}), sources[0])
+
+
+def test_task_arithmetic_matches_reference():
+    base, _, deltas = make()
+    w, lam = [0.5, -0.4, 1.5], 0.8
+    b, ds = np64([base])[0], np64(deltas)
+    ref = b + lam * sum(wk * d for wk, d in zip(w, ds))
+    np.testing.assert_allclose(run("task_arithmetic", base, deltas, {"weight": w}, {"lambda": lam}).numpy(), ref, atol=1e-6)
+    ref_norm = b + sum(wk * d for wk, d in zip(w, ds)) / sum(w)
+    got = run("task_arithmetic", base, deltas, {"weight": w}, {"normalize": True})
+    np.testing.assert_allclose(got.numpy(), ref_norm, atol=1e-5)
+
+
+def test_task_arithmetic_weight_zero_returns_base():
+    base, _, deltas = make(2)
+    assert torch.equal(run("task_arithmetic", base, deltas, {"weight": [0.0, 0.0]}), base)
+
+
+# TIES family
+
+def test_ties_matches_reference():
+    base, _, deltas = make()
+    w, dens = [1.0, 0.6, 1.4], [0.3, 0.5, 0.8]
+    b, ds = np64([base])[0], np64(deltas)
+    masks = [top_k_mask(d, p) for d, p in zip(ds, dens)]
+    got = run("ties", base, deltas, {"weight": w, "density": dens})
+    np.testing.assert_allclose(got.numpy(), ties_reference(b, ds, w, masks), atol=1e-6)
+    got = run("ties", base, deltas, {"weight": w, "density": dens}, {"normalize": False, "lambda": 0.5})
+    np.testing.assert_allclose(got.numpy(), ties_reference(b, ds, w, masks, normalize=False, lam=0.5), atol=1e-6)
+
+
+def test_ties_density_one_keeps_every_non_conflicting_entry():
+    base = torch.zeros(2, 3)
+    d0 = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]])
+    d1 = torch.tensor([[2.0, -1.0, -1.0], [0.5, 4.0, -3.0]])
+    got = run("ties", base, [d0, d1], {"weight": [1.0, 1.0], "density": [1.0, 1.0]})
+    # entry (0, 2): sum 2 > 0 elects +, only model 0 agrees; all others agree or are single
+    expected = torch.tensor([[1.5, -1.5, 3.0], [0.5, 4.0, -2.0]])
+    assert torch.equal(got, expected)
+
+
+def test_breadcrumbs_matches_reference():
+    base, _, deltas = make(2, shape=(20, 10))
+    dens, gamma, w = [0.5, 0.3], [0.1, 0.0], [1.0, 0.7]
+    ref = np64([base])[0].copy()
+    for d, p, gm, wk in zip(np64(deltas), dens, gamma, w):
+        flat = np.abs(d).ravel()
+        n, target, n_top = flat.size, int(p * flat.size), int(gm * flat.size)
+        n_bot = max(0, n - target - n_top)
+        keep = np.zeros(n, dtype=bool)
+        keep[np.argsort(flat, kind="stable")[n_bot:n_bot + target]] = True
+        ref += wk * d * keep.reshape(d.shape)
+    got = run("breadcrumbs", base, deltas, {"weight": w, "density": dens, "gamma": gamma})
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-6)
+
+
+def test_threshold_lookup_equals_topk():
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randn(40, 25, generator=g)
+    cache = TensorCache()
+    sorted_abs = cache.sorted_abs(0, delta)
+    assert cache.sorted_abs(0, delta) is sorted_abs
+    for density in (0.01, 0.1, 0.37, 0.5, 0.99):
+        k = max(1, int(density * delta.numel()))
+        top = torch.zeros(delta.numel(), dtype=torch.bool)
+        top[torch.topk(delta.abs().reshape(-1), k).indices] = True
+        assert torch.equal(magnitude_keep(delta, sorted_abs, density).reshape(-1), top)
+    ties = torch.tensor([3.0, -1.0, 1.0, 1.0, -1.0, 2.0, 0.5, 1.0])
+    for density in (0.25, 0.5, 0.75):
+        kept = magnitude_keep(ties, torch.sort(ties.abs()).values, density)
+        assert int(kept.sum()) == int(density * 8)
+    kept = outlier_keep(ties, torch.sort(ties.abs()).values, 0.5, 0.125)
+    assert int(kept.sum()) == 4 and not kept[0]
+
+
+def test_cache_recomputes_after_in_place_change():
+    delta = torch.tensor([1.0, -3.0, 2.0])
+    cache = TensorCache()
+    first = cache.sorted_abs(0, delta)
+    delta.mul_(2)
+    assert torch.equal(cache.sorted_abs(0, delta), 2 * first)
+
+
+# DARE and DELLA
+
+def dare_masks(deltas, dens, seed, name=NAME):
+    return [(uniform_draws(d, mask_seed(seed, name, k)) < p).numpy() for k, (d, p) in enumerate(zip(deltas, dens))]
+
+
+def test_dare_ties_matches_reference():
+    base, _, deltas = make()
+    w, dens = [1.0, 0.5, 0.8], [0.4, 0.6, 0.9]
+    b, ds = np64([base])[0], np64(deltas)
+    masks = dare_masks(deltas, dens, seed=11)
+    rescaled = [d * m * (np.abs(d).sum() / np.abs(d * m).sum()) for d, m in zip(ds, masks)]
+    ref = ties_reference(b, rescaled, w, [np.ones_like(d, dtype=bool) for d in ds], normalize=False)
+    got = run("dare_ties", base, deltas, {"weight": w, "density": dens}, seed=11)
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-5)
+
+
+def test_dare_linear_keeps_density_and_l1_norm():
+    base, _, deltas = make(1, shape=(100, 100))
+    got = run("dare_linear", base, deltas, {"weight": [1.0], "density": [0.3]}, seed=5) - base
+    kept = got != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.02
+    assert got.abs().sum().item() == pytest.approx(deltas[0].abs().sum().item(), rel=1e-5)
+    no_rescale = run("dare_linear", base, deltas, {"weight": [1.0], "density": [0.3]}, {"rescale": False}, seed=5)
+    assert torch.equal((no_rescale - base) != 0, kept)
+
+
+def test_dare_seed_reproducible_and_independent():
+    base, _, deltas = make(2, shape=(30, 30))
+    pm = {"weight": [1.0, 1.0], "density": [0.5, 0.5]}
+    a = run("dare_ties", base, deltas, pm, seed=1)
+    assert torch.equal(a, run("dare_ties", base, deltas, pm, seed=1))
+    assert not torch.equal(a, run("dare_ties", base, deltas, pm, seed=2))
+    assert not torch.equal(a, run("dare_ties", base, deltas, pm, seed=1, name="other.weight"))
+    m0, m1 = dare_masks(deltas, [0.5, 0.5], seed=1)
+    assert not np.array_equal(m0, m1)
+    assert mask_seed(0, NAME, 0) == 3021406825254386000  # stable across processes and versions
+
+
+def test_dare_masks_are_nested_across_densities():
+    base, _, deltas = make(1, shape=(50, 50))
+    low = run("dare_linear", base, deltas, {"weight": [1.0], "density": [0.2]}, seed=3) != base
+    high = run("dare_linear", base, deltas, {"weight": [1.0], "density": [0.6]}, seed=3) != base
+    assert bool((low & ~high).sum() == 0) and high.sum() > low.sum()
+
+
+def test_della_keeps_large_entries_more_often():
+    base = torch.zeros(1, 4000)
+    delta = torch.linspace(0.001, 1.0, 4000).reshape(1, -1)
+    got = run("della_linear", base, [delta], {"weight": [1.0], "density": [0.5], "epsilon": [0.4]},
+              {"rescale": False}, seed=2)
+    kept = (got != 0).float().reshape(-1)
+    assert kept[:1000].mean() < 0.25 < 0.75 < kept[-1000:].mean()
+    assert torch.equal(got, run("della_linear", base, [delta], {"weight": [1.0], "density": [0.5], "epsilon": [0.4]},
+                                {"rescale": False}, seed=2))
+
+
+# slerp
+
+def slerp_reference(t: float, v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
+    a, b = v0 / np.linalg.norm(v0), v1 / np.linalg.norm(v1)
+    dot = float(np.sum(a * b))
+    if abs(dot) > 0.9995:
+        return (1 - t) * v0 + t * v1
+    theta = np.arccos(dot)
+    return (np.sin((1 - t) * theta) * v0 + np.sin(t * theta) * v1) / np.sin(theta)
+
+
+def test_slerp_endpoints_and_reference():
+    base, sources, deltas = make(2, scale=1.0)
+    assert torch.equal(run("slerp", base, deltas, glob={"t": 0.0}), sources[0])
+    assert torch.equal(run("slerp", base, deltas, glob={"t": 1.0}), sources[1])
+    v0, v1 = np64(sources)
+    for t in (0.25, 0.5, 0.9):
+        np.testing.assert_allclose(run("slerp", base, deltas, glob={"t": t}).numpy(), slerp_reference(t, v0, v1), atol=1e-5)
+
+
+def test_slerp_nearly_colinear_falls_back_to_lerp():
+    base, sources, deltas = make(2, scale=0.001)
+    v0, v1 = np64(sources)
+    got = run("slerp", base, deltas, glob={"t": 0.3})
+    np.testing.assert_allclose(got.numpy(), 0.7 * v0 + 0.3 * v1, atol=1e-6)
+
+
+def test_slerp_needs_two_models():
+    base, _, deltas = make(3)
+    with pytest.raises(MergeParamError, match="exactly 2"):
+        run("slerp", base, deltas, glob={"t": 0.5})
+
+
+# dtypes and output buffers
+
+def default_values(method: str, n: int) -> tuple[dict, dict]:
+    m = get_method(method)
+    per_model = {p.name: [min(p.high, p.default + 0.1 * k) for k in range(n)] for p in m.params if p.per_model}
+    glob = {p.name: p.default for p in m.params if not p.per_model}
+    return per_model, glob
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_bfloat16_equals_float32_rounded(method):
+    base, _, deltas = make(2, shape=(16, 12), scale=0.3)
+    base_bf, deltas_bf = base.bfloat16(), [d.bfloat16() for d in deltas]
+    per_model, glob = default_values(method, 2)
+    got = run(method, base_bf, deltas_bf, per_model, glob, seed=4)
+    assert got.dtype == torch.bfloat16
+    expected = run(method, base_bf.float(), [d.float() for d in deltas_bf], per_model, glob, seed=4)
+    assert torch.equal(got, expected.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_linear", "slerp"])
+def test_writes_into_preallocated_out(method, dtype):
+    base, _, deltas = make(2)
+    base, deltas = base.to(dtype), [d.to(dtype) for d in deltas]
+    per_model, glob = default_values(method, 2)
+    out = torch.full_like(base, float("nan"))
+    got = run(method, base, deltas, per_model, glob, out=out)
+    assert got is out
+    assert torch.equal(out, run(method, base, deltas, per_model, glob))

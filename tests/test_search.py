@@ -1,0 +1,100 @@
+"""End-to-end searches on the toy world: Ray workers, the study's contents, failure handling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from optuna.trial import TrialState
+
+from evomerge.config import REPO_ROOT, config_from_dict
+from evomerge.runner import RunOptions, run_experiment
+from evomerge.study import load
+
+
+def toy_experiment(name: str, **overrides) -> dict:
+    cfg = {
+        "name": name,
+        "base": {"name": "base", "path": "toy:base"},
+        "sources": [{"name": "expert_add", "path": "toy:expert_add"},
+                    {"name": "expert_cipher", "path": "toy:expert_cipher"}],
+        "search_space": {"kind": "ps", "method": "task_arithmetic", "granularity": {"kind": "model"},
+                         "parameters": {"weight": {"low": 0.0, "high": 2.0, "init": 1.0}}, "sigma": 0.2},
+        "fitness": {"include": [str(REPO_ROOT / "evaluators" / "toy")], "limit": 24, "test_limit": 24,
+                    "tasks": [{"task": "toy_add", "test": "toy_add_test", "weight": 0.5},
+                              {"task": "toy_cipher", "test": "toy_cipher_test", "weight": 0.5}]},
+        "optimizer": {"sampler": "cmaes", "seed": 3, "population": 4, "budget": {"trials": 8}},
+        "resources": {"workers": 2, "cpus_per_worker": 1},
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from evomerge.workers import start_ray
+
+    start_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_search_with_two_ray_workers(tmp_path, ray_local):
+    from evomerge.workers import CandidateWorker, Job
+
+    cfg = config_from_dict(toy_experiment("ray2"))
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    summary = run_experiment(cfg, RunOptions(storage=storage, runs_dir=tmp_path))
+    rec = load("ray2", storage)
+    assert set(rec.baselines()) == {"expert_add", "expert_cipher", "default merge"}
+    trials = [t for t in rec.study.get_trials() if "generation" in t.user_attrs]
+    assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted((t.user_attrs["generation"], t.user_attrs["index"]) for t in trials) == [
+        (g, i) for g in range(2) for i in range(4)]
+    assert {t.user_attrs["worker"] for t in trials} <= {"w0", "w1"}
+    assert rec.get("sampler_state")["generation"] == 2
+    kinds = [r["kind"] for r in summary["rows"]]
+    assert kinds.count("source") == 2 and "baseline" in kinds and kinds[-1] == "evolved"
+    assert all(0 <= r["test"]["mean"] <= 1 for r in summary["rows"])
+    best = rec.study.best_trial
+    again = CandidateWorker(cfg.snapshot()).run(Job("again", recipe=best.user_attrs["recipe"]))
+    assert again.fitness == pytest.approx(best.value, abs=0)
+
+
+def test_failing_candidate_becomes_fail_trial(tmp_path, monkeypatch):
+    """A candidate that raises inside the worker is FAIL with its message; the others complete."""
+    from evomerge import materialize
+
+    original = materialize.Materializer.apply
+    calls = {"n": 0}
+
+    def flaky(self, recipe):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first candidate after the baseline default merge and one trial
+            raise RuntimeError("injected failure for the test")
+        return original(self, recipe)
+
+    monkeypatch.setattr(materialize.Materializer, "apply", flaky)
+    cfg = config_from_dict(toy_experiment("flaky", resources={"workers": 0}))
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    run_experiment(cfg, RunOptions(storage=storage, runs_dir=tmp_path, inline=True))
+    trials = [t for t in load("flaky", storage).study.get_trials() if "generation" in t.user_attrs]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(trials) == 8 and len(failed) == 1
+    assert "injected failure" in failed[0].user_attrs["fail_reason"]
+    assert all(not math.isnan(t.value) for t in trials if t.state == TrialState.COMPLETE)
+
+
+def test_changed_experiment_is_refused_with_a_diff(tmp_path):
+    from evomerge.study import StudyError
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    cfg = config_from_dict(toy_experiment("diff", optimizer={"sampler": "random", "seed": 1, "population": 2,
+                                                             "budget": {"trials": 2}}))
+    run_experiment(cfg, RunOptions(storage=storage, runs_dir=tmp_path, inline=True))
+    changed = config_from_dict(toy_experiment("diff", optimizer={"sampler": "random", "seed": 2, "population": 2,
+                                                                 "budget": {"trials": 2}}))
+    with pytest.raises(StudyError, match=r"(?s)different experiment.*seed: 1.*seed: 2.*--resume"):
+        run_experiment(changed, RunOptions(storage=storage, runs_dir=tmp_path, inline=True))
