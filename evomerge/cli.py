@@ -62,6 +62,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_for(study: str | None, storage: str | None) -> str:
+    """--storage, else the default SQLite file of that study under ./runs."""
+    if storage:
+        return storage
+    from evomerge.study import StudyError
+
+    if study is None:
+        raise StudyError("give --storage URL (or a study name whose study lives in ./runs/NAME/study.db)")
+    db = Path("runs") / study / "study.db"
+    if not db.exists():
+        raise StudyError(f"no study {study!r} under ./runs; give --storage URL")
+    return f"sqlite:///{db.resolve()}"
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from evomerge.runner import resume_study
+
+    storage = _storage_for(args.study_name, args.storage)
+    resume_study(args.study_name, storage, _run_options(args, takeover=args.takeover))
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from evomerge.study import load
+
+    rec = load(args.study_name, _storage_for(args.study_name, args.storage))
+    rec.set("desired_state", "paused")
+    print(f"pause requested for {args.study_name!r}: its controller finishes the candidates in flight, "
+          "records them, and exits. Continue later with `evomerge resume`.")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from evomerge.status import discover_storages, list_studies
+
+    storages = [args.storage] if args.storage else discover_storages()
+    if args.study_name and not args.storage:
+        storages = [_storage_for(args.study_name, None)]
+    rows = [r for r in list_studies(storages) if args.study_name in (None, r.study)]
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    elif not rows:
+        print("no studies found" + ("" if args.storage else " under ./runs; give --storage URL"))
+    for r in rows if not args.json else []:
+        print(r.line() + f"\n  storage: {r.storage}")
+    return 0
+
+
 def cmd_toy_build(args: argparse.Namespace) -> int:
     from evomerge.toy import build_toy_world, format_score_table
 
@@ -74,7 +124,7 @@ def cmd_toy_build(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge",
-        description="Evolve merge recipes for open language models (parameter space and data-flow space).")
+        description="Evolve merge recipes for open language models: a CMA-ES/Optuna search over merge methods and per-layer coefficients, scored with lm-eval on Ray workers.")
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -87,6 +137,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an existing study even if the experiment file changed")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="continue a study from the experiment stored in it (no YAML needed)")
+    p.add_argument("study_name", metavar="STUDY")
+    _add_run_options(p)
+    p.add_argument("--takeover", action="store_true",
+                   help="run even though the study looks running, once its heartbeat is stale")
+    p.set_defaults(func=cmd_resume, study=None)
+
+    p = sub.add_parser("pause", help="ask a running study's controller to finish its work in flight and exit")
+    p.add_argument("study_name", metavar="STUDY")
+    p.add_argument("--storage", help="storage URL (default: ./runs/STUDY/study.db)")
+    p.set_defaults(func=cmd_pause)
+
+    for cmd, text in (("status", "state, progress and best result of one study or all"),
+                      ("list", "every study in a storage (default: all under ./runs) with its state")):
+        p = sub.add_parser(cmd, help=text)
+        if cmd == "status":
+            p.add_argument("study_name", metavar="STUDY", nargs="?", default=None)
+        else:
+            p.set_defaults(study_name=None)
+        p.add_argument("--storage", help="storage URL (default: every ./runs/*/study.db)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="the toy demo: a real evolutionary search on the built-in toy world",
                        description="Build the toy world if missing, then run experiments/toy_ps.yaml "

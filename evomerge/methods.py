@@ -1,16 +1,21 @@
 """Merge methods on tensors: a registry of small typed functions with declared parameter ranges.
 
 Each method maps (base, task vectors, values) to one merged tensor. Where mergekit has the method
-its semantics are mergekit's (`mergekit/merge_methods/{generalized_task_arithmetic,linear,
-slerp}.py`, `mergekit/sparsify.py`, defaults from `registry.py`), so an evolved recipe exports to
-a mergekit config that rebuilds the same weights. Arithmetic runs in float32 (mergekit uses the
-tensors' dtype), and the result is written in the output's dtype. See `evomerge.sparsify` for the
-cached trimming and the documented differences (ties at the threshold, seeded masks).
+the semantics are mergekit 0.1.5's (`mergekit/merge_methods/generalized_task_arithmetic.py`,
+`linear.py`, `slerp.py`, `mergekit/sparsify.py`, defaults from `registry.py`), with the same
+operation order, so float32 results agree bit for bit and an evolved recipe exports to a mergekit
+config that rebuilds the same weights (random masks aside: see `evomerge.sparsify`).
+
+Options are not evolved: `normalize` (divide by the summed weights), `rescale` (match the
+sparsified task vector's L1 norm to the original's, as mergekit does, not a 1/density factor) and
+`int8_mask` (accepted for mergekit configs; no numerical effect). Arithmetic runs in float32 for
+half-precision inputs (mergekit's task-arithmetic family works in the tensors' dtype) and the result
+is written in the output's dtype. `fn` fills in defaults but does not range-check: call `validate`
+once per recipe, not once per tensor.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, Union
 
@@ -39,6 +44,8 @@ class MergeParamError(MergeError):
 
 @dataclass(frozen=True)
 class ParamSpec:
+    """One evolvable value: its hard range (search ranges must lie inside it) and its default."""
+
     name: str
     low: float
     high: float
@@ -49,6 +56,8 @@ class ParamSpec:
 
 @dataclass
 class MergeInputs:
+    """One tensor's merge problem; `deltas` are resident task vectors, `out` an optional target."""
+
     name: str
     base: torch.Tensor | None
     deltas: Sequence[torch.Tensor]
@@ -57,11 +66,15 @@ class MergeInputs:
     out: torch.Tensor | None = None
 
 
-MergeFn = Callable[[MergeInputs, Mapping[str, Sequence[float]], Mapping[str, Option]], torch.Tensor]
+PerModel = Mapping[str, Sequence[float]]
+Globals = Mapping[str, Option]
+MergeFn = Callable[[MergeInputs, PerModel, Globals], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class MergeMethod:
+    """A merge method: what it evolves, which options it takes and the function that merges."""
+
     name: str
     params: tuple[ParamSpec, ...]
     uses_base: bool
@@ -176,7 +189,7 @@ def _source(inputs: MergeInputs, k: int, scratch: torch.Tensor) -> torch.Tensor:
     return scratch.add_(inputs.deltas[k])
 
 
-def linear(inputs: MergeInputs, per_model: Mapping[str, Sequence[float]], global_: Mapping[str, Option]) -> torch.Tensor:
+def linear(inputs: MergeInputs, per_model: PerModel, global_: Globals) -> torch.Tensor:
     """sum_k w_k theta_k (/ sum_k w_k), accumulated in mergekit's order so results agree bit for bit."""
     v = _resolve(METHODS["linear"], per_model, global_, len(inputs.deltas))
     weights = torch.tensor(v["weight"], dtype=torch.float32)
@@ -191,7 +204,7 @@ def linear(inputs: MergeInputs, per_model: Mapping[str, Sequence[float]], global
     return _emit(inputs, acc)
 
 
-def slerp(inputs: MergeInputs, per_model: Mapping[str, Sequence[float]], global_: Mapping[str, Option]) -> torch.Tensor:
+def slerp(inputs: MergeInputs, per_model: PerModel, global_: Globals) -> torch.Tensor:
     """Spherical interpolation from source 0 (t=0, mergekit's base_model) to source 1 (t=1)."""
     v = _resolve(METHODS["slerp"], per_model, global_, len(inputs.deltas))
     if len(inputs.deltas) != 2:
@@ -209,16 +222,17 @@ def slerp(inputs: MergeInputs, per_model: Mapping[str, Sequence[float]], global_
 class _Sparsifier:
     kind: str | None  # None, "magnitude", "outliers", "random", "della"
 
-    def apply(self, inputs: MergeInputs, k: int, v: Mapping[str, object]) -> torch.Tensor:
-        """Task vector k, sparsified (and L1-rescaled if asked), as a float32 tensor the caller owns."""
+    def weighted(self, inputs: MergeInputs, k: int, v: Mapping[str, object], weight: torch.Tensor) -> torch.Tensor:
+        """weight * task vector k, sparsified (and L1-rescaled if asked) first: a new float32 tensor."""
         delta = inputs.deltas[k]
         if self.kind is None or v["density"][k] >= 1:  # type: ignore[index]
-            return delta.to(torch.float32, copy=True)
+            return delta.float() * weight
         density = v["density"][k]  # type: ignore[index]
         if self.kind == "magnitude":
             keep = sp.magnitude_keep(delta, inputs.cache.sorted_abs(k, delta), density)
         elif self.kind == "outliers":
-            keep = sp.outlier_keep(delta, inputs.cache.sorted_abs(k, delta), density, v["gamma"][k])  # type: ignore[index]
+            gamma = v["gamma"][k]  # type: ignore[index]
+            keep = sp.outlier_keep(delta, inputs.cache.sorted_abs(k, delta), density, gamma)
         elif self.kind == "random":
             keep = sp.random_keep(delta, density, sp.mask_seed(inputs.seed, inputs.name, k))
         else:
@@ -227,15 +241,14 @@ class _Sparsifier:
         masked = delta.float() * keep
         if v["rescale"]:
             masked = sp.rescale_l1(masked, inputs.cache.l1(k, delta))
-        return masked
+        return masked.mul_(weight)
 
 
 def _task_arithmetic_family(method_name: str, sparsifier: _Sparsifier, consensus: bool) -> MergeFn:
-    def fn(inputs: MergeInputs, per_model: Mapping[str, Sequence[float]],
-           global_: Mapping[str, Option]) -> torch.Tensor:
+    def fn(inputs: MergeInputs, per_model: PerModel, global_: Globals) -> torch.Tensor:
         v = _resolve(METHODS[method_name], per_model, global_, len(inputs.deltas))
         weights = torch.tensor(v["weight"], dtype=torch.float32)  # mergekit rounds weights to the dtype
-        terms = (sparsifier.apply(inputs, k, v).mul_(weights[k]) for k in range(len(inputs.deltas)))
+        terms = (sparsifier.weighted(inputs, k, v, weights[k]) for k in range(len(inputs.deltas)))
         acc = _accumulator(inputs)
         if consensus:
             mixed = _sign_consensus(acc, list(terms), weights, bool(v["normalize"]))
@@ -282,16 +295,12 @@ def _sign_consensus(acc: torch.Tensor, terms: list[torch.Tensor], weights: torch
     return acc
 
 
-def _spec(name: str, low: float, high: float, default: float, per_model: bool, description: str) -> ParamSpec:
-    return ParamSpec(name, low, high, default, per_model, description)
-
-
-_WEIGHT_SIGNED = _spec("weight", -1.0, 2.0, 1.0, True, "scale of the model's task vector; negative subtracts it")
-_WEIGHT_POS = _spec("weight", 0.0, 2.0, 1.0, True, "scale of the model's task vector in the sign election and mean")
-_DENSITY = _spec("density", 0.01, 1.0, 0.5, True, "fraction of the task vector kept")
-_GAMMA = _spec("gamma", 0.0, 0.5, 0.01, True, "fraction of largest-magnitude entries dropped as outliers")
-_EPSILON = _spec("epsilon", 0.0, 0.49, 0.15, True, "spread of DELLA's keep probability around density")
-_LAMBDA = _spec("lambda", 0.0, 3.0, 1.0, False, "scale of the merged task vector")
+_WEIGHT_SIGNED = ParamSpec("weight", -1.0, 2.0, 1.0, True, "scale of the model's task vector; negative subtracts it")
+_WEIGHT_POS = ParamSpec("weight", 0.0, 2.0, 1.0, True, "scale of the model's task vector in the sign election and mean")
+_DENSITY = ParamSpec("density", 0.01, 1.0, 0.5, True, "fraction of the task vector kept")
+_GAMMA = ParamSpec("gamma", 0.0, 0.5, 0.01, True, "fraction of largest-magnitude entries dropped as outliers")
+_EPSILON = ParamSpec("epsilon", 0.0, 0.49, 0.15, True, "spread of DELLA's keep probability around density")
+_LAMBDA = ParamSpec("lambda", 0.0, 3.0, 1.0, False, "scale of the merged task vector")
 
 
 def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, rescale: bool,
@@ -311,11 +320,11 @@ def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, resc
 
 METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod(
-        name="linear", params=(_spec("weight", 0.0, 2.0, 1.0, True, "weight of the whole model"),),
+        name="linear", params=(ParamSpec("weight", 0.0, 2.0, 1.0, True, "weight of the whole model"),),
         uses_base=False, min_models=1, max_models=None, random=False, fn=linear,
         option_defaults={"normalize": True}, description="weighted average of the models"),
     MergeMethod(
-        name="slerp", params=(_spec("t", 0.0, 1.0, 0.5, False, "0 gives source 0, 1 gives source 1"),),
+        name="slerp", params=(ParamSpec("t", 0.0, 1.0, 0.5, False, "0 gives source 0, 1 gives source 1"),),
         uses_base=False, min_models=2, max_models=2, random=False, fn=slerp,
         description="spherical interpolation between two models (source 0 is mergekit's base_model)"),
     _gta("task_arithmetic", None, False, False, False, "base + lambda * sum_k w_k tau_k"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ class RunOptions:
     workers: int | None = None
     ray_address: str | None = None
     resume: bool = False
+    takeover: bool = False
     inline: bool = False
     runs_dir: Path = Path("runs")
 
@@ -51,6 +53,50 @@ def _adopt_config(rec: StudyRecord, cfg: ExperimentConfig, resume: bool, printer
     rec.set("fingerprint", cfg.fingerprint())
 
 
+def _claim(rec: StudyRecord, takeover: bool) -> None:
+    """One controller per study: a live heartbeat from another one refuses this run."""
+    from evomerge.status import controller_identity, controller_dead_here, effective_state
+
+    if rec.get("state") == "running":
+        owner = rec.get("controller") or {}
+        age = time.time() - (rec.get("heartbeat") or 0)
+        who = f"host {owner.get('host')}, pid {owner.get('pid')}, heartbeat {age:.0f} s ago"
+        if effective_state(rec) == "running":
+            raise StudyError(f"study {rec.name!r} is already being run by another controller ({who}). "
+                             f"Pause it with `evomerge pause {rec.name}`, or wait for it to finish.")
+        if not controller_dead_here(rec) and not takeover:
+            raise StudyError(f"study {rec.name!r} was left running by a controller that stopped answering "
+                             f"({who}). If it is gone, retry with --takeover.")
+    rec.set("controller", controller_identity())
+
+
+class Heartbeat:
+    """Writes the controller's heartbeat on a timer, so long candidates do not look like a crash."""
+
+    def __init__(self, rec: StudyRecord) -> None:
+        from evomerge.status import HEARTBEAT_SECONDS
+
+        self.rec, self.period = rec, HEARTBEAT_SECONDS
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="evomerge-heartbeat", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.rec.heartbeat()
+            except Exception:  # a storage hiccup must not kill the run; the next beat retries
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        self.rec.heartbeat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def make_pool(cfg: ExperimentConfig, workers: int, opts: RunOptions, printer):
     snapshot = cfg.snapshot()
     if opts.inline or workers == 0:
@@ -58,6 +104,19 @@ def make_pool(cfg: ExperimentConfig, workers: int, opts: RunOptions, printer):
     r = cfg.resources
     start_ray(opts.ray_address, num_cpus=None)
     return RayPool(snapshot, workers, cpus=r.cpus_per_worker, gpus=r.gpus_per_worker, on_event=printer)
+
+
+def resume_study(name: str, storage: str, opts: RunOptions = RunOptions(),
+                 printer: Callable[[str], None] = print) -> dict:
+    """Continue a study from the experiment snapshot stored in it; the YAML is not needed."""
+    from evomerge.config import config_from_dict
+    from evomerge.study import load
+
+    snapshot = load(name, storage).get("config")
+    if snapshot is None:
+        raise StudyError(f"study {name!r} in {storage} was not made by evomerge (no experiment snapshot)")
+    opts.study, opts.storage, opts.resume = name, storage, True
+    return run_experiment(config_from_dict(snapshot, where=f"snapshot of {name!r}"), opts, printer)
 
 
 def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
@@ -70,6 +129,7 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
     workers = cfg.resources.workers if opts.workers is None else opts.workers
     sampler = make_sampler(cfg.optimizer.sampler, space, cfg.optimizer.seed, cfg.optimizer.population, workers)
     rec = create_or_load(name, storage, study_sampler(sampler))
+    _claim(rec, opts.takeover)
     _adopt_config(rec, cfg, opts.resume, printer)
     budget = opts.budget if opts.budget is not None else cfg.optimizer.budget.trials
     minutes = opts.minutes if opts.minutes is not None else cfg.optimizer.budget.minutes
@@ -78,21 +138,25 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
     rec.set("desired_state", "running")
     if rec.get("started") is None:
         rec.set("started", time.time())
-    rec.heartbeat()
     printer(f"study {name!r} in {storage}\n  {len(space.dims)} evolvable parameters, {cfg.optimizer.sampler} "
             f"population {sampler.population}, budget {budget} trials, {max(workers, 1)} worker(s)")
-    pool = make_pool(cfg, workers, opts, printer)
     try:
-        controller = Controller(cfg, rec, space, sampler, pool, budget=budget, minutes=minutes, printer=printer)
-        controller.run_baselines()
-        final = controller.run()
+        with Heartbeat(rec):
+            pool = make_pool(cfg, workers, opts, printer)
+            try:
+                controller = Controller(cfg, rec, space, sampler, pool, budget=budget, minutes=minutes,
+                                        printer=printer)
+                controller.run_baselines()
+                final = controller.run()
+                summary = build_summary(cfg, rec, pool)
+            finally:
+                pool.shutdown()
         rec.set("state", final)
-        summary = build_summary(cfg, rec, pool)
     except BaseException:
         rec.set("state", "stopped")
         raise
-    finally:
-        pool.shutdown()
+    if final == "paused":
+        printer(f"paused; continue with `evomerge resume {name} --storage {storage}`")
     summary["state"] = final
     path = write_summary(summary, run_dir_for(storage, name))
     printer("\n" + format_table(summary) + f"\n\nsummary: {path}")

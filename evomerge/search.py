@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from evomerge.config import ExperimentConfig
 from evomerge.evaluate import fitness_of
+from evomerge.faults import crash_point
 from evomerge.sampler import GenerationSampler, Proposal
 from evomerge.space import PSSpace
 from evomerge.study import StudyRecord
@@ -122,6 +123,7 @@ class Controller:
                     return "paused"
                 return "finished" if self._out_of_budget() else "stopped"
             self.rec.set("sampler_state", self.sampler.update(generation, state, results))
+            crash_point("update")
         return "finished"
 
     def _drain_waiting(self) -> None:
@@ -157,14 +159,16 @@ class Controller:
                 number, prop = todo.pop(0)
                 if number < 0:
                     number = self._create_trial(generation, prop)
+                    crash_point("ask")
                 self._dispatch(number, generation, prop)
                 in_flight += 1
             if not in_flight:
                 break
+            crash_point("score")
             res = self.pool.next_result()
             in_flight -= 1
             results[res.job.meta["index"]] = self._tell(res)
-            self.rec.heartbeat()
+            crash_point("tell")
         if len(results) < self.sampler.population:
             return None
         return [(self._proposal_of(generation, i), results[i]) for i in range(self.sampler.population)]

@@ -44,7 +44,7 @@ def uniform_draws(like: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def keep_count(density: float, numel: int) -> int:
-    """mergekit's k = int(density * numel), but never 0 (a whole task vector is never dropped)."""
+    """TIES keeps max(1, int(density * numel)) entries, as mergekit 0.1.5 does."""
     return max(1, min(numel, int(density * numel)))
 
 
@@ -105,7 +105,10 @@ class TensorCache:
 
     def cosine(self, base: torch.Tensor, d0: torch.Tensor, d1: torch.Tensor) -> float:
         """Cosine between base+d0 and base+d1 over the whole tensor, as mergekit's slerp defines it."""
-        return self._get("cosine", 0, (base, d0, d1), lambda: _cosine(base.float() + d0.float(), base.float() + d1.float()))
+        def compute() -> float:
+            return _cosine(base.float() + d0.float(), base.float() + d1.float())
+
+        return self._get("cosine", 0, (base, d0, d1), compute)
 
 
 def _cosine(v0: torch.Tensor, v1: torch.Tensor) -> float:
@@ -128,9 +131,9 @@ def rank_range_keep(delta: torch.Tensor, sorted_abs: torch.Tensor, lo: int, hi: 
     """Keep the entries of ranks [lo, hi) in ascending |delta| order: two threshold look-ups and
     comparisons; entries tied at a nonzero boundary value are kept by flat position, so exactly
     hi - lo of the nonzero entries survive, as with mergekit's argsort (extra zeros change nothing)."""
-    mag = delta.abs()
     if lo >= hi:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    mag = delta.abs()
     n = sorted_abs.numel()
     low_v, high_v = sorted_abs[lo], sorted_abs[hi - 1]
     keep = mag >= low_v if lo > 0 else torch.ones(delta.shape, dtype=torch.bool, device=delta.device)

@@ -1,0 +1,113 @@
+"""What a study is doing, read from its storage alone: state, progress, best vs the sources."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from evomerge.study import StudyRecord, load, open_storage
+
+# A controller writes its heartbeat every HEARTBEAT_SECONDS; three missed beats mean it is gone.
+HEARTBEAT_SECONDS = 10.0
+STALE_AFTER = 3 * HEARTBEAT_SECONDS
+
+
+@dataclass
+class StudyStatus:
+    study: str
+    storage: str
+    state: str
+    trials_done: int
+    trials_failed: int
+    budget: int | None
+    best_fitness: float | None
+    best_trial: int | None
+    best_source: str | None
+    best_source_fitness: float | None
+    default_merge_fitness: float | None
+    heartbeat_age: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        best = "-" if self.best_fitness is None else f"{self.best_fitness:.4f} (#{self.best_trial})"
+        vs = ""
+        if self.best_fitness is not None and self.best_source_fitness is not None:
+            vs = f" | {self.best_fitness - self.best_source_fitness:+.4f} vs best source {self.best_source}"
+        budget = f"/{self.budget}" if self.budget else ""
+        return (f"{self.study}: {self.state} | trials {self.trials_done}{budget}"
+                f"{f' ({self.trials_failed} failed)' if self.trials_failed else ''} | best {best}{vs}")
+
+
+def controller_identity() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def effective_state(rec: StudyRecord, now: float | None = None) -> str:
+    """Stored state, except that a 'running' study whose controller is gone has crashed.
+
+    Gone means: its heartbeat is stale, or it ran on this host and its process no longer exists
+    (so a crash on a laptop can be resumed at once, without waiting for the heartbeat to age).
+    """
+    state = rec.get("state", "new")
+    if state != "running":
+        return state
+    beat = rec.get("heartbeat")
+    if beat is None or (now or time.time()) - beat > STALE_AFTER:
+        return "crashed"
+    return "crashed" if controller_dead_here(rec) else state
+
+
+def controller_dead_here(rec: StudyRecord) -> bool:
+    """The recorded controller ran on this host and its process no longer exists."""
+    owner = rec.get("controller") or {}
+    return owner.get("host") == socket.gethostname() and bool(owner.get("pid")) and not _pid_alive(owner["pid"])
+
+
+def study_status(rec: StudyRecord) -> StudyStatus:
+    trials = [t for t in rec.study.get_trials(deepcopy=False) if "generation" in t.user_attrs]
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(done, key=lambda t: t.value) if done else None
+    sources = {n: b for n, b in rec.baselines().items() if b["kind"] == "source"}
+    top = max(sources, key=lambda n: sources[n]["fitness"]) if sources else None
+    default = rec.baselines().get("default merge")
+    beat = rec.get("heartbeat")
+    return StudyStatus(
+        study=rec.name, storage=rec.storage_url, state=effective_state(rec),
+        trials_done=len(done) + sum(t.state == TrialState.FAIL for t in trials),
+        trials_failed=sum(t.state == TrialState.FAIL for t in trials), budget=rec.get("budget"),
+        best_fitness=best.value if best else None, best_trial=best.number if best else None,
+        best_source=top, best_source_fitness=sources[top]["fitness"] if top else None,
+        default_merge_fitness=default["fitness"] if default else None,
+        heartbeat_age=None if beat is None else round(time.time() - beat, 1),
+    )
+
+
+def discover_storages(runs_dir: str | Path = "runs") -> list[str]:
+    """SQLite studies under ./runs (the default location), for `evomerge list` without --storage."""
+    return [f"sqlite:///{p.resolve()}" for p in sorted(Path(runs_dir).glob("*/study.db"))]
+
+
+def list_studies(storages: list[str]) -> list[StudyStatus]:
+    out = []
+    for url in storages:
+        for summary in optuna.get_all_study_summaries(open_storage(url), include_best_trial=False):
+            out.append(study_status(load(summary.study_name, url)))
+    return out
