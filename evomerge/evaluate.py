@@ -350,6 +350,22 @@ class Evaluator:
         return docs
 
 
+def combine_docs(parts: Sequence[Mapping[str, Mapping[str, Mapping[int, float]]]]) -> dict[str, dict[str, float]]:
+    """Scores from per-doc values of disjoint shards that together cover the subset: the mean in
+    doc order, as lm-eval computes it unsharded (JSON round trips may turn doc ids into str)."""
+    merged: dict[str, dict[str, dict[int, float]]] = {}
+    for part in parts:
+        for task, metrics in part.items():
+            for key, values in metrics.items():
+                into = merged.setdefault(task, {}).setdefault(key, {})
+                for doc, value in values.items():
+                    if int(doc) in into:
+                        raise EvaluatorError(f"{task}: shards overlap on doc {doc}")
+                    into[int(doc)] = float(value)
+    return {task: {key: float(lm_eval_mean([v[i] for i in sorted(v)])) for key, v in metrics.items()}
+            for task, metrics in merged.items()}
+
+
 def _metric_values(values: Mapping) -> dict[str, float]:
     """Keep "metric,filter" numbers; drop stderr, aliases and sample counts."""
     return {

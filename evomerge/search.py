@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.config import ExperimentConfig
-from evomerge.evaluate import fitness_of
+from evomerge.evaluate import combine_docs, fitness_of
 from evomerge.faults import crash_point
 from evomerge.sampler import GenerationSampler, Proposal
 from evomerge.space import PSSpace
@@ -59,6 +59,12 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def shards_per_candidate(cfg: ExperimentConfig, workers: int) -> int:
+    """Auto: as many shards as workers, so the end of a generation leaves no worker idle for long."""
+    configured = cfg.resources.shards_per_candidate
+    return max(1, workers if configured is None else configured)
+
+
 class Controller:
     """Runs the candidate search of one study against a worker pool."""
 
@@ -69,6 +75,8 @@ class Controller:
         self.printer = printer
         self.tasks = cfg.task_specs("fitness")
         self.progress = Progress(budget, printer)
+        n = shards_per_candidate(cfg, getattr(pool, "size", 1))
+        self.shards: list[dict | None] = pool.shards(n) if n > 1 else [None]
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _candidates(self) -> list[optuna.trial.FrozenTrial]:
@@ -148,12 +156,12 @@ class Controller:
                 results[i] = t.value if t.state == TrialState.COMPLETE else None
             elif t is not None:
                 todo.append((t.number, Proposal(i, dict(t.params), t.number)))
-            else:
+            elif i in proposals:
                 todo.append((-1, proposals[i]))
-        in_flight = 0
-        while todo or in_flight:
+        pending: dict[int, list[JobResult]] = {}  # trial number -> shard results so far
+        while todo or pending:
             while todo and self.pool.free_slots() > 0 and not self._pause_requested():
-                if todo[0][0] < 0 and self._out_of_budget(extra=in_flight):
+                if todo[0][0] < 0 and self._out_of_budget(extra=len(pending)):
                     todo.clear()
                     break
                 number, prop = todo.pop(0)
@@ -161,14 +169,17 @@ class Controller:
                     number = self._create_trial(generation, prop)
                     crash_point("ask")
                 self._dispatch(number, generation, prop)
-                in_flight += 1
-            if not in_flight:
+                pending[number] = []
+            if not pending:
                 break
             crash_point("score")
             res = self.pool.next_result()
-            in_flight -= 1
-            results[res.job.meta["index"]] = self._tell(res)
-            crash_point("tell")
+            parts = pending[res.job.meta["trial"]]
+            parts.append(res)
+            if len(parts) == len(self.shards):
+                del pending[res.job.meta["trial"]]
+                results[res.job.meta["index"]] = self._tell(parts)
+                crash_point("tell")
         if len(results) < self.sampler.population:
             return None
         return [(self._proposal_of(generation, i), results[i]) for i in range(self.sampler.population)]
@@ -191,26 +202,35 @@ class Controller:
         return prop.trial
 
     def _dispatch(self, number: int, generation: int, prop: Proposal) -> None:
+        """One job per shard, so idle workers can help finish a candidate another worker started."""
         recipe = self.space.decode(prop.params).to_dict()
         self._set_trial_attr(number, "recipe", recipe)
-        self.pool.submit(Job(f"trial:{number}", recipe=recipe,
-                             meta={"trial": number, "generation": generation, "index": prop.index}))
+        for k, shard in enumerate(self.shards):
+            self.pool.submit(Job(f"trial:{number}/{k}", recipe=recipe, shard=shard,
+                                 meta={"trial": number, "generation": generation, "index": prop.index}))
 
     def _set_trial_attr(self, number: int, key: str, value) -> None:
         storage, study = self.rec.study._storage, self.rec.study
         storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study._study_id, number), key, value)
 
-    def _tell(self, res: JobResult) -> float | None:
-        number = res.job.meta["trial"]
-        for key, value in (("scores", res.scores), ("worker", res.worker), ("seconds", round(res.seconds, 4))):
+    def _tell(self, parts: list[JobResult]) -> float | None:
+        """Combine a candidate's shard results and record them on its trial."""
+        first = parts[0]
+        number, generation = first.job.meta["trial"], first.job.meta["generation"]
+        failed = [p for p in parts if not p.ok]
+        scores = first.scores if len(parts) == 1 and first.job.shard is None else (
+            {} if failed else combine_docs([p.docs for p in parts]))
+        workers = sorted({p.worker for p in parts if p.worker})
+        for key, value in (("scores", scores), ("worker", ",".join(workers)),
+                           ("seconds", round(sum(p.seconds for p in parts), 4))):
             self._set_trial_attr(number, key, value)
-        value = fitness_of(res.scores, self.tasks) if res.ok else float("nan")
-        if not res.ok or math.isnan(value):
-            reason = res.error or "fitness is NaN"
+        value = float("nan") if failed else fitness_of(scores, self.tasks)
+        if failed or math.isnan(value):
+            reason = failed[0].error if failed else "fitness is NaN"
             self._set_trial_attr(number, "fail_reason", reason)
             self.rec.study.tell(number, state=TrialState.FAIL)
-            self.progress.record(res.job.meta["generation"], number, None, reason)
+            self.progress.record(generation, number, None, reason)
             return None
         self.rec.study.tell(number, value)
-        self.progress.record(res.job.meta["generation"], number, value)
+        self.progress.record(generation, number, value)
         return value

@@ -7,6 +7,7 @@ debugging, in this process (`InlinePool`); both give back results as soon as any
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import traceback
@@ -24,6 +25,7 @@ class Job:
     split: str = "fitness"
     recipe: dict | None = None
     source: str | None = None
+    shard: dict[str, list[int]] | None = None
     attempts: int = 0
     meta: dict = field(default_factory=dict)
 
@@ -37,6 +39,7 @@ class JobResult:
     seconds: float = 0.0
     worker: str = ""
     error: str = ""
+    docs: dict = field(default_factory=dict)
 
 
 class CandidateWorker:
@@ -61,6 +64,7 @@ class CandidateWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.sources.base.path),
                                                        trust_remote_code=cfg.trust_remote_code)
         self._evaluators: dict[str, Evaluator] = {}
+        self._loaded: tuple | None = None
         self._make_evaluator = lambda split: Evaluator(
             cfg.task_specs(split), include_paths=cfg.fitness.include, seed=cfg.fitness.seed,
             batch_size=cfg.fitness.batch_size)
@@ -74,19 +78,33 @@ class CandidateWorker:
     def ping(self) -> str:
         return self.worker_id
 
+    def shards(self, n: int) -> list[dict[str, list[int]]]:
+        """The fitness subset split into n shards; every worker derives the same ones."""
+        return [{task: list(idx) for task, idx in shard.items()} for shard in self.evaluator("fitness").shards(n)]
+
     def load(self, job: Job):
+        """Materialize the job's model, skipping the work when it is the one already loaded
+        (consecutive shards of one candidate)."""
         from evomerge.recipe import recipe_from_dict
 
+        key = (job.source, json.dumps(job.recipe, sort_keys=True) if job.recipe is not None else None)
+        if key == self._loaded:
+            return self.materializer.model
+        self._loaded = None
         if job.recipe is not None:
-            return self.materializer.apply(recipe_from_dict(job.recipe))
-        return self.materializer.load_source(job.source)
+            model = self.materializer.apply(recipe_from_dict(job.recipe))
+        else:
+            model = self.materializer.load_source(job.source)
+        self._loaded = key
+        return model
 
     def run(self, job: Job) -> JobResult:
         start = time.perf_counter()
         try:
             model = self.load(job)
-            res = self.evaluator(job.split).evaluate(model, self.tokenizer)
-            return JobResult(job, True, res.scores, res.fitness, time.perf_counter() - start, self.worker_id)
+            res = self.evaluator(job.split).evaluate(model, self.tokenizer, shard=job.shard)
+            return JobResult(job, True, res.scores, res.fitness, time.perf_counter() - start, self.worker_id,
+                             docs=res.docs if job.shard is not None else {})
         except Exception as exc:  # a failed candidate must not stop the study
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             return JobResult(job, False, seconds=time.perf_counter() - start, worker=self.worker_id, error=detail)
@@ -112,6 +130,9 @@ class InlinePool:
 
     def submit(self, job: Job) -> None:
         self._done.append(self.worker.run(job))
+
+    def shards(self, n: int) -> list[dict[str, list[int]]]:
+        return self.worker.shards(n)
 
     def free_slots(self) -> int:
         return 1
@@ -156,6 +177,10 @@ class RayPool:
         self._spawned += 1
         return self.actor_cls.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(
             self.snapshot, f"w{self._spawned - 1}")
+
+    def shards(self, n: int) -> list[dict[str, list[int]]]:
+        actor = self.idle[0] if self.idle else next(iter(self.running.values()))[0]
+        return self.ray.get(actor.shards.remote(n))
 
     def submit(self, job: Job) -> None:
         self.queue.append(job)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 import yaml
@@ -55,22 +56,41 @@ def uninterrupted(tmp_path_factory):
     return _trials(storage, "resumable")
 
 
-@pytest.mark.parametrize("crash_points", [["ask:2"], ["score:3", "tell:4"], ["tell:1", "update:1", "ask:3"]])
-def test_kill_and_resume_replays_the_uninterrupted_study(tmp_path, uninterrupted, crash_points):
+def _storage(kind: str, tmp_path) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'killed.db'}"
+    if kind == "journal":
+        return str(tmp_path / "killed.log")
+    url = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set EVOMERGE_TEST_POSTGRES_URL (.ci/run starts a PostgreSQL server) to test PostgreSQL")
+    return url
+
+
+@pytest.mark.parametrize("kind, crash_points", [
+    ("sqlite", ["ask:2"]),
+    ("sqlite", ["score:3", "tell:4"]),
+    ("sqlite", ["tell:1", "update:1", "ask:3"]),
+    ("journal", ["tell:2", "ask:4"]),
+    ("postgres", ["score:2", "update:1", "tell:3"]),
+])
+def test_kill_and_resume_replays_the_uninterrupted_study(tmp_path, uninterrupted, kind, crash_points):
     exp = _write_experiment(tmp_path, "resumable")
-    storage = f"sqlite:///{tmp_path / 'killed.db'}"
-    first = _evomerge(["run", exp, "--storage", storage, "--workers", "0"], crash_at=crash_points[0])
+    storage = _storage(kind, tmp_path)
+    study = f"resumable_{uuid.uuid4().hex[:8]}"
+    first = _evomerge(["run", exp, "--study", study, "--storage", storage, "--workers", "0"],
+                      crash_at=crash_points[0])
     assert first.returncode == -9, first.stderr[-2000:]
     for point in crash_points[1:]:
-        again = _evomerge(["resume", "resumable", "--storage", storage, "--workers", "0"], crash_at=point)
+        again = _evomerge(["resume", study, "--storage", storage, "--workers", "0"], crash_at=point)
         assert again.returncode == -9, again.stderr[-2000:]
-    final = _evomerge(["resume", "resumable", "--storage", storage, "--workers", "0"])
+    final = _evomerge(["resume", study, "--storage", storage, "--workers", "0"])
     assert final.returncode == 0, final.stderr[-2000:]
-    got = _trials(storage, "resumable")
+    got = _trials(storage, study)
     assert len(got) == BUDGET and all(t[2] == TrialState.COMPLETE for t in got)
     assert [t[:2] for t in got] == [t[:2] for t in uninterrupted]  # nothing lost, nothing duplicated
     assert got == uninterrupted  # same parameters and values, trial for trial
-    status = _evomerge(["status", "resumable", "--storage", storage])
+    status = _evomerge(["status", study, "--storage", storage])
     assert "finished" in status.stdout and f"trials {BUDGET}/{BUDGET}" in status.stdout
 
 

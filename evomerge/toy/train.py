@@ -53,40 +53,76 @@ def new_model(tokenizer, seed: int) -> LlamaForCausalLM:
     return model
 
 
-class Encoder:
-    """Character ids straight from the tokenizer's vocabulary: much faster than calling it."""
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor  # additive, (rows, 1, width, width)
+    position_ids: torch.Tensor
+    labels: torch.Tensor
 
-    def __init__(self, tokenizer):
-        self.vocab = tokenizer.get_vocab()
+
+class Packer:
+    """Packs `<s>text</s>` examples into rows with a block-diagonal causal mask and positions
+    restarting at each example, so each example sees only itself, exactly as if alone in a row.
+
+    Examples span 5 to 27 tokens: padding every row to the longest wastes ~40% of the compute;
+    rows of 34 tokens (two letter-skill examples of 17) pack the toy mix with almost no padding.
+    """
+
+    def __init__(self, tokenizer, width: int = 34):
+        self.width = width
+        self.vocab = tokenizer.get_vocab()  # one id per character; much faster than the tokenizer
         self.bos, self.eos, self.pad = (tokenizer.bos_token_id, tokenizer.eos_token_id,
                                         tokenizer.pad_token_id)
 
-    def __call__(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded `<s>text</s>` rows and their labels (padding ignored by the loss)."""
-        rows = [[self.bos, *(self.vocab[c] for c in e.text), self.eos] for e in examples]
-        width = max(map(len, rows))
+    def _rows(self, examples: list[Example]) -> list[list[list[int]]]:
+        seqs = [[self.bos, *(self.vocab[c] for c in e.text), self.eos] for e in examples]
+        width = max(self.width, *map(len, seqs))
+        rows: list[list[list[int]]] = []
+        fill: list[int] = []
+        for seq in sorted(seqs, key=len, reverse=True):  # first-fit decreasing
+            for i, used in enumerate(fill):
+                if used + len(seq) <= width:
+                    rows[i].append(seq)
+                    fill[i] += len(seq)
+                    break
+            else:
+                rows.append([seq])
+                fill.append(len(seq))
+        return rows
+
+    def __call__(self, examples: list[Example]) -> Batch:
+        rows = self._rows(examples)
+        width = max(sum(map(len, r)) for r in rows)
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            labels[i, :len(r)] = ids[i, :len(r)]
-        return ids, labels
+        seg = torch.full((len(rows), width), -1, dtype=torch.long)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            at = 0
+            for j, seq in enumerate(row):
+                ids[i, at:at + len(seq)] = torch.tensor(seq)
+                seg[i, at:at + len(seq)] = j
+                pos[i, at:at + len(seq)] = torch.arange(len(seq))
+                at += len(seq)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        allowed = (seg[:, :, None] == seg[:, None, :]) & causal
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        labels = ids.masked_fill((seg < 0) | (ids == self.bos), IGNORE)  # nothing predicts <s>
+        return Batch(ids, mask[:, None], pos, labels)
 
 
-def train(model, next_batch: Callable[[], list[Example]], encode: Encoder, spec: TrainSpec,
+def train(model, next_batch: Callable[[], list[Example]], pack: Packer, spec: TrainSpec,
           log: Callable[[str], None] | None = None) -> list[float]:
-    """Full-parameter training on `next_batch()`; returns the loss of every step.
-
-    No attention mask is needed: padding is on the right and attention is causal.
-    """
+    """Full-parameter training on `next_batch()`; returns the loss of every step."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98),
                             weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, spec.lr_factor)
     losses, t0 = [], time.time()
     for step in range(spec.steps):
-        ids, labels = encode(next_batch())
-        loss = model(input_ids=ids, labels=labels).loss
+        b = pack(next_batch())
+        loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                     position_ids=b.position_ids, labels=b.labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
         opt.step()
@@ -101,20 +137,9 @@ def train(model, next_batch: Callable[[], list[Example]], encode: Encoder, spec:
     return losses
 
 
-def base_batches(seed: int, batch_size: int, window: int = 8) -> Callable[[], list[Example]]:
-    """Base-mix batches grouped by length: examples range from 5 to 27 tokens, so sorting a
-    window of `window` batches by length and cutting it into batches removes most padding."""
+def base_batches(seed: int, batch_size: int) -> Callable[[], list[Example]]:
     stream = Stream(seed, BASE_MIX)
-    queue: list[list[Example]] = []
-
-    def next_batch() -> list[Example]:
-        if not queue:
-            pool = sorted(stream.batch(batch_size * window), key=lambda e: len(e.text))
-            queue.extend(pool[i:i + batch_size] for i in range(0, len(pool), batch_size))
-            stream.rng.shuffle(queue)
-        return queue.pop()
-
-    return next_batch
+    return lambda: stream.batch(batch_size)
 
 
 def expert_batches(seed: int, skill: str, batch_size: int) -> Callable[[], list[Example]]:

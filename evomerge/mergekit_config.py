@@ -1,0 +1,222 @@
+"""A PS recipe as a mergekit configuration (`mergekit-yaml mergekit.yaml OUT`).
+
+Per-layer-group values are written as tensor-name filters, not gradient lists: mergekit
+interpolates a list of values over the layers (`t = layer / (num_layers - 1)`) and gives
+embeddings and the head t = 0, so a list is exact only with one value per layer and cannot give
+embeddings or the head their own value. A filter list (`[{filter: ".layers.3.", value: x}, ...,
+{value: y}]`, first substring match wins) can express every evomerge group exactly; each list is
+checked against every tensor name of the checkpoint before it is written.
+
+Where mergekit cannot rebuild the recipe bit for bit (random masks, tie-breaking, half-precision
+arithmetic, options it lacks), `notes` says so; the exporter prints the notes and writes them at
+the top of the file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from evomerge.groups import group_of, layer_index, tensor_kind
+from evomerge.recipe import PSRecipe, RecipeError
+from evomerge.sources import SourceRef
+
+# evomerge method -> (mergekit merge_method, options mergekit takes as global parameters)
+_GTA_OPTIONS = ("normalize", "rescale", "int8_mask")
+METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "linear": ("linear", ("normalize",)),
+    "slerp": ("slerp", ()),
+    **{m: (m, _GTA_OPTIONS) for m in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                                       "breadcrumbs_ties", "della", "della_linear")},
+}
+_RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
+_RANKED = {"ties", "breadcrumbs", "breadcrumbs_ties"}
+
+Setting = Any  # a scalar, or a list of {"filter": str, "value": float} with a final {"value": float}
+
+
+@dataclass
+class MergekitConfig:
+    """The mapping mergekit reads, and the ways in which it differs from the evomerge recipe."""
+
+    config: dict
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        return not self.notes
+
+    def to_yaml(self) -> str:
+        head = ["# mergekit configuration exported by evomerge; run: mergekit-yaml mergekit.yaml OUT_DIR",
+                "# Per-layer-group values are tensor-name filters (first substring match wins), checked",
+                "# against every tensor of the checkpoint; they are exact, unlike interpolated gradient lists."]
+        if self.notes:
+            head.append("# NOT EXACT: mergekit will not rebuild evomerge's weights bit for bit here:")
+            head += [f"#  - {line}" for note in self.notes for line in _wrap(note)]
+        else:
+            head.append("# Exact: mergekit rebuilds the same tensors as `evomerge merge recipe.yaml` "
+                        "(float32, same operation order).")
+        return "\n".join(head) + "\n" + yaml.safe_dump(self.config, sort_keys=False, width=120)
+
+
+def _wrap(text: str, width: int = 92) -> list[str]:
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        if cur and len(cur) + 1 + len(w) > width:
+            lines.append(cur)
+            cur = "   " + w
+        else:
+            cur = f"{cur} {w}" if cur else w
+    return lines + [cur] if cur else lines
+
+
+def model_reference(ref: SourceRef, local_path: str | None = None) -> str:
+    """What mergekit's `model:` takes: a hub id (`id@revision`) or an absolute local directory."""
+    from pathlib import Path
+
+    if ref.path.startswith("toy:") or Path(ref.path).expanduser().exists():
+        return str(Path(local_path or ref.path).expanduser().resolve())
+    return f"{ref.path}@{ref.revision}" if ref.revision else ref.path
+
+
+# -- filters -------------------------------------------------------------------------------
+
+_LAYER_PART = re.compile(r"\.([A-Za-z_]+)\.(\d+)\.")
+
+
+def _filter_of(name: str, recipe: PSRecipe) -> tuple[int, str | None, int]:
+    """(group, filter, rank) of one tensor; rank orders specific filters before general ones."""
+    g = group_of(recipe.granularity, name, recipe.num_layers)
+    if recipe.granularity.kind == "model":
+        return g, None, 3
+    layer = layer_index(name)
+    m = next((m for m in _LAYER_PART.finditer("." + name) if int(m.group(2)) == layer), None)
+    if m is None:
+        return g, name, 2  # embeddings / final norm / head: the exact tensor name
+    prefix = m.group(0)
+    if recipe.granularity.split_kinds and tensor_kind(name) != "other":
+        rest = ("." + name)[m.end():].split(".")
+        module = next((p for p in rest if p and tensor_kind(p) == tensor_kind(name)), None)
+        return (g, f"{prefix}{module}.", 0) if module else (g, name, 0)
+    return g, prefix, 1
+
+
+def _first_match(filters: list[tuple[str, int]], catch_all: int, name: str) -> int:
+    return next((g for f, g in filters if f in name), catch_all)
+
+
+def group_filters(recipe: PSRecipe, tensor_names: Sequence[str]) -> tuple[list[tuple[str, int]], int]:
+    """Ordered (filter, group) pairs and the group of the final catch-all entry, such that
+    mergekit's first-match rule sends every tensor to its evomerge group (checked here)."""
+    head = len(recipe.groups) - 1
+    found: dict[str, tuple[int, int]] = {}
+    for name in tensor_names:
+        g, flt, rank = _filter_of(name, recipe)
+        if flt is not None and not (rank == 2 and g == head):
+            found.setdefault(flt, (rank, g))
+    filters = [(f, g) for f, (rank, g) in sorted(found.items(), key=lambda kv: kv[1])]
+    if all(_first_match(filters, head, n) == group_of(recipe.granularity, n, recipe.num_layers)
+           for n in tensor_names):
+        return filters, head
+    # Unusual tensor names: one filter per tensor, longest first so no name catches a longer one.
+    names = sorted(tensor_names, key=lambda n: (-len(n), n))
+    return [(n, group_of(recipe.granularity, n, recipe.num_layers)) for n in names], head
+
+
+def resolve_setting(setting: Setting, tensor_name: str) -> Any:
+    """The value mergekit 0.1.5 (`config.evaluate_setting`) picks for a tensor: first filter that is
+    a substring of its name, or an entry with no filter."""
+    if not isinstance(setting, list):
+        return setting
+    for cond in setting:
+        flt = cond.get("filter")
+        if flt is None or flt == "*" or flt in tensor_name:
+            return cond["value"]
+    return None
+
+
+def _setting(values: Sequence[float], filters: list[tuple[str, int]], catch_all: int) -> Setting:
+    if all(v == values[0] for v in values):
+        return float(values[0])
+    entries = [{"filter": f, "value": float(values[g])} for f, g in filters]
+    return entries + [{"value": float(values[catch_all])}]
+
+
+def _check_setting(setting: Setting, values: Sequence[float], recipe: PSRecipe,
+                   tensor_names: Sequence[str], what: str) -> None:
+    for name in tensor_names:
+        want = values[group_of(recipe.granularity, name, recipe.num_layers)]
+        got = resolve_setting(setting, name)
+        if got != want:
+            raise RecipeError(f"internal error: mergekit filter for {what} gives {got} on {name}, "
+                              f"the recipe has {want}")
+
+
+# -- the configuration -----------------------------------------------------------------------
+
+def _notes(recipe: PSRecipe, dropped: list[str]) -> list[str]:
+    notes = []
+    if recipe.method in _RANDOM:
+        notes.append(f"{recipe.method} drops entries at random. evomerge draws each mask from a generator "
+                     f"seeded by (dare_seed={recipe.seed}, tensor, model); mergekit uses torch's global RNG "
+                     "(`--random-seed` seeds it, but not the same way), so mergekit builds another random "
+                     "sample of the same merge, not these weights. Use `evomerge merge recipe.yaml` or the "
+                     "exported checkpoint for the evolved model.")
+    if recipe.method in _RANKED:
+        notes.append("magnitude trimming: entries tied in |value| exactly at the trimming threshold may be "
+                     "kept differently (same count kept); this needs repeated magnitudes, rare in float32.")
+    if recipe.method.startswith("della"):
+        notes.append("DELLA on single-column tensors: evomerge uses the plain density where mergekit's "
+                     "rank normalisation divides 0 by 0.")
+    if recipe.dtype != "float32" and recipe.method not in ("linear", "slerp"):
+        notes.append(f"dtype {recipe.dtype}: evomerge computes in float32 and rounds once, mergekit's "
+                     f"task-arithmetic methods compute in {recipe.dtype}; results differ in the last bits.")
+    if recipe.method == "linear" and recipe.options.get("normalize", True):
+        weights = recipe.per_model.get("weight", {})
+        for g in range(len(recipe.groups)):
+            if abs(sum(v[g] for v in weights.values())) < 1e-8:
+                notes.append(f"linear group {recipe.groups[g]!r}: the weights sum to ~0; evomerge then does "
+                             "not normalize, mergekit divides by the near-zero sum.")
+    notes += [f"option {k!r} has no mergekit equivalent for {recipe.method!r} and is left out." for k in dropped]
+    return notes
+
+
+def mergekit_config(recipe: PSRecipe, tensor_names: Sequence[str],
+                    locate: Callable[[SourceRef], str] = model_reference) -> MergekitConfig:
+    """The mergekit configuration of `recipe` for a checkpoint with these tensor names."""
+    if recipe.method not in METHODS:
+        raise RecipeError(f"method {recipe.method!r} has no mergekit counterpart; export recipe.yaml only")
+    mk_method, option_names = METHODS[recipe.method]
+    filters, catch_all = group_filters(recipe, tensor_names)
+
+    def setting(values: Sequence[float], what: str) -> Setting:
+        s = _setting(values, filters, catch_all)
+        _check_setting(s, values, recipe, tensor_names, what)
+        return s
+
+    models = []
+    for src in recipe.sources:
+        params = {p: setting(by_model[src.name], f"{p} of {src.name}") for p, by_model in recipe.per_model.items()}
+        models.append({"model": locate(src), "parameters": params})
+    cfg: dict[str, Any] = {"merge_method": mk_method}
+    if recipe.method == "slerp":
+        cfg["base_model"] = models[0]["model"]
+        models = [{"model": m["model"]} for m in models]
+    elif recipe.method != "linear":
+        if recipe.base is None:
+            raise RecipeError(f"method {recipe.method!r} needs a base model; the recipe has none")
+        cfg["base_model"] = locate(recipe.base)
+    cfg["models"] = models
+    glob = {p: setting(v, p) for p, v in recipe.global_params.items()}
+    glob.update({k: v for k, v in recipe.options.items() if k in option_names})
+    dropped = sorted(k for k in recipe.options if k not in option_names)
+    if glob:
+        cfg["parameters"] = glob
+    cfg["dtype"] = recipe.dtype
+    return MergekitConfig(cfg, _notes(recipe, dropped))
+
+
+__all__ = ["METHODS", "MergekitConfig", "group_filters", "mergekit_config", "model_reference", "resolve_setting"]
