@@ -121,6 +121,66 @@ def cmd_toy_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from evomerge.export import export_study
+
+    export_study(args.study_name, _storage_for(args.study_name, args.storage), args.trial, out=args.out,
+                 max_shard_size=args.max_shard_size, device=args.device, force=args.force)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from evomerge.export import merge_recipe
+
+    merge_recipe(args.recipe, args.out, device=args.device, max_shard_size=args.max_shard_size,
+                 verify=not args.no_verify, force=args.force)
+    return 0
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    from evomerge.trials import format_table, trials_table, write_table
+
+    df = trials_table(args.study_name, _storage_for(args.study_name, args.storage))
+    if args.out:
+        print(f"{len(df)} trials written to {write_table(df, args.out)}")
+    else:
+        print(format_table(df))
+    return 0
+
+
+def _add_export_parsers(sub) -> None:
+    def checkpoint_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", required=True, help="output directory (created; must be empty unless --force)")
+        p.add_argument("--device", default="cpu", help="device to merge on (default: cpu)")
+        p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
+        p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing an export")
+
+    p = sub.add_parser("export", help="write a trial (default: the best) as recipe, mergekit config, checkpoint "
+                                      "and model card",
+                       description="Write recipe.yaml, mergekit.yaml, the merged Hugging Face checkpoint "
+                                   "(safetensors, config, tokenizer), README.md (model card), fitness.png and "
+                                   "summary.json for one trial of a study. Says where mergekit.yaml is not exact.")
+    p.add_argument("study_name", metavar="STUDY")
+    p.add_argument("--trial", type=int, help="trial number (default: the best COMPLETE candidate)")
+    p.add_argument("--storage", help="storage URL (default: ./runs/STUDY/study.db)")
+    checkpoint_options(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("merge", help="materialize a recipe file into a checkpoint (no study needed)",
+                       description="Build the model a recipe.yaml describes, bit-identical to the export of "
+                                   "the trial it came from; checks the sources' sha256 fingerprints first.")
+    p.add_argument("recipe", metavar="RECIPE.yaml")
+    checkpoint_options(p)
+    p.add_argument("--no-verify", action="store_true", help="merge even if a source's fingerprint differs")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("trials", help="every trial of a study as a table (printed, or --out FILE.csv|.parquet)")
+    p.add_argument("study_name", metavar="STUDY")
+    p.add_argument("--storage", help="storage URL (default: ./runs/STUDY/study.db)")
+    p.add_argument("--out", help="write the table to FILE.csv or FILE.parquet instead of printing it")
+    p.set_defaults(func=cmd_trials)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge",
@@ -177,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: ~/.cache/evomerge/toy)")
     b.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     b.set_defaults(func=cmd_toy_build)
+    _add_export_parsers(sub)
     return parser
 
 
@@ -184,13 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     from evomerge.config import ConfigError
+    from evomerge.export import ExportError
+    from evomerge.methods import MergeError
     from evomerge.recipe import RecipeError
     from evomerge.sources import SourceError
     from evomerge.study import StudyError
+    from evomerge.trials import TrialsError
 
     try:
         return args.func(args)
-    except (ConfigError, SourceError, StudyError, RecipeError) as exc:
+    except (ConfigError, SourceError, StudyError, RecipeError, ExportError, MergeError, TrialsError) as exc:
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -55,7 +55,8 @@ class MergekitConfig:
                 "# against every tensor of the checkpoint; they are exact, unlike interpolated gradient lists."]
         if self.notes:
             head.append("# NOT EXACT: mergekit will not rebuild evomerge's weights bit for bit here:")
-            head += [f"#  - {line}" for note in self.notes for line in _wrap(note)]
+            for note in self.notes:
+                head += [("#  - " if i == 0 else "#  ") + line for i, line in enumerate(_wrap(note))]
         else:
             head.append("# Exact: mergekit rebuilds the same tensors as `evomerge merge recipe.yaml` "
                         "(float32, same operation order).")
@@ -67,7 +68,7 @@ def _wrap(text: str, width: int = 92) -> list[str]:
     for w in words:
         if cur and len(cur) + 1 + len(w) > width:
             lines.append(cur)
-            cur = "   " + w
+            cur = "  " + w
         else:
             cur = f"{cur} {w}" if cur else w
     return lines + [cur] if cur else lines
@@ -112,12 +113,12 @@ def group_filters(recipe: PSRecipe, tensor_names: Sequence[str]) -> tuple[list[t
     """Ordered (filter, group) pairs and the group of the final catch-all entry, such that
     mergekit's first-match rule sends every tensor to its evomerge group (checked here)."""
     head = len(recipe.groups) - 1
-    found: dict[str, tuple[int, int]] = {}
-    for name in tensor_names:
+    found: dict[str, tuple[int, int, int]] = {}
+    for i, name in enumerate(tensor_names):
         g, flt, rank = _filter_of(name, recipe)
         if flt is not None and not (rank == 2 and g == head):
-            found.setdefault(flt, (rank, g))
-    filters = [(f, g) for f, (rank, g) in sorted(found.items(), key=lambda kv: kv[1])]
+            found.setdefault(flt, (g, rank, i))
+    filters = [(f, key[0]) for f, key in sorted(found.items(), key=lambda kv: kv[1])]
     if all(_first_match(filters, head, n) == group_of(recipe.granularity, n, recipe.num_layers)
            for n in tensor_names):
         return filters, head

@@ -14,6 +14,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from evomerge import _callable_module
 from evomerge.study import StudyRecord
 
 PARAM_PREFIX = "param:"
@@ -120,7 +121,12 @@ def format_table(df: pd.DataFrame) -> str:
     """The whole table as text for a terminal: every column, floats to 4 decimals."""
     if df.empty:
         return "(no trials yet)"
-    shown = df.drop(columns=["datetime_start", "datetime_complete"])
+    shown = df.drop(columns=["datetime_start", "datetime_complete"]).astype({"fail_reason": object})
+    shown["fail_reason"] = shown["fail_reason"].where(shown["fail_reason"].notna(), "-")
+    shown["worker"] = shown["worker"].where(shown["worker"].notna(), "-")
     with pd.option_context("display.max_columns", None, "display.width", 10_000,
                            "display.max_colwidth", 60, "display.max_rows", None):
         return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-")
+
+
+_callable_module(__name__, "trials_table")

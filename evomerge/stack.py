@@ -1,0 +1,197 @@
+"""Stacked (DFS) models: a path of source decoder layers run as one Hugging Face causal LM.
+
+`StackedModelBuilder.build` makes a candidate without copying a single weight: the model object
+is created on the meta device, then given model A's embeddings, final norm, head and rotary
+embedding, and one *hop* per path entry. A hop is a shallow clone of the source decoder layer
+(and of its attention module): new module objects whose parameters, buffers and children are
+the source's own objects, with the hop's `layer_idx` (so a layer used twice gets two KV-cache
+slots) and a forward pre-hook that multiplies the layer's input by the hop's scale.
+
+`materialize_copy` builds the same path with independent tensors (the test oracle);
+`evomerge.stack_export` writes a plain checkpoint with the scales folded into the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from evomerge.dfs import DFSRecipe
+
+# Config fields that hold one entry per decoder layer; a stacked config lists them per hop.
+PER_LAYER_FIELDS = ("layer_types", "mlp_layer_types")
+
+
+class StackError(ValueError):
+    """A path cannot be stacked from these sources; the message says why."""
+
+
+def decoder(model: PreTrainedModel) -> nn.Module:
+    """The decoder (`model.model` for Llama-like causal LMs) holding `layers`, `embed_tokens`, `norm`."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    if inner is None or not isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        raise StackError(f"{type(model).__name__} has no decoder with a `layers` ModuleList; DFS stacking "
+                         "supports Llama-style decoder-only models (Llama, Mistral, Qwen2, ...)")
+    return inner
+
+
+def check_sources(models: dict[str, PreTrainedModel], recipe: DFSRecipe) -> PreTrainedModel:
+    """Model A, after checking that every hop names a loaded model and an existing layer."""
+    a = recipe.model_a.name
+    if a not in models:
+        raise StackError(f"model A {a!r} is not among the loaded sources {sorted(models)}")
+    ref_layer = type(decoder(models[a]).layers[0])
+    hidden = models[a].config.hidden_size
+    for k, hop in enumerate(recipe.path):
+        if hop.model not in models:
+            raise StackError(f"hop {k} needs model {hop.model!r}, which is not loaded ({sorted(models)})")
+        layers = decoder(models[hop.model]).layers
+        if not 0 <= hop.layer < len(layers):
+            raise StackError(f"hop {k} runs layer {hop.layer} of {hop.model!r}, which has {len(layers)} layers")
+        if type(layers[hop.layer]) is not ref_layer or models[hop.model].config.hidden_size != hidden:
+            raise StackError(f"hop {k}: {hop.model!r} is not of model A's architecture "
+                             f"({type(layers[hop.layer]).__name__} vs {ref_layer.__name__})")
+    for name in {h.model for h in recipe.path}:
+        if getattr(models[name].config, "is_heterogeneous", False):
+            raise StackError(f"{name!r} has a heterogeneous per-layer config, which DFS does not support")
+    return models[a]
+
+
+def stacked_config(models: dict[str, PreTrainedModel], recipe: DFSRecipe) -> PreTrainedConfig:
+    """Model A's config with one layer per hop; per-layer fields follow each hop's source layer."""
+    config = copy.deepcopy(models[recipe.model_a.name].config)
+    for name in PER_LAYER_FIELDS:
+        if getattr(config, name, None) is not None:
+            setattr(config, name, [getattr(models[h.model].config, name)[h.layer] for h in recipe.path])
+    config.num_hidden_layers = len(recipe.path)
+    return config
+
+
+def _shallow_clone(module: nn.Module) -> nn.Module:
+    """A new module object whose parameters, buffers and children are `module`'s own objects.
+
+    Its containers are new dicts (so replacing a child of the clone leaves the source alone)
+    and it starts with no hooks: hooks installed later on the clone (our scale hook,
+    transformers' output-capturing hooks) must not fire on the source layer, nor the source's
+    on the clone.
+    """
+    if "forward" in vars(module) or hasattr(module, "_hf_hook"):
+        raise StackError(f"{type(module).__name__} has a patched forward (accelerate offloading/dispatch "
+                         "hooks?); load DFS sources on one device without device_map offloading")
+    clone = type(module).__new__(type(module))
+    state = {}
+    for key, value in vars(module).items():
+        if "hooks" in key and isinstance(value, dict):
+            value = type(value)()
+        elif isinstance(value, (dict, set)):
+            value = copy.copy(value)
+        state[key] = value
+    vars(clone).update(state)
+    return clone
+
+
+def _scale_input(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: multiply the layer's hidden-states input by the hop's scale."""
+    s = module.dfs_input_scale
+    if s == 1.0:
+        return None
+    if args:
+        return (args[0] * s, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * s}
+
+
+def make_hop(layer: nn.Module, hop_index: int, scale: float, config: PreTrainedConfig) -> nn.Module:
+    """A zero-copy view of a source decoder layer that runs as layer `hop_index` of a stacked model."""
+    hop = _shallow_clone(layer)
+    attn = getattr(hop, "self_attn", None)
+    if attn is None or not hasattr(attn, "layer_idx"):
+        raise StackError(f"{type(layer).__name__} has no `self_attn.layer_idx`; DFS stacking needs it to "
+                         "give each hop its own KV-cache slot")
+    attn = _shallow_clone(attn)
+    attn.layer_idx = hop_index
+    # The stacked config (not the source's) so attention-implementation switches reach every hop.
+    attn.config = config
+    hop.self_attn = attn
+    if hasattr(hop, "layer_idx"):
+        hop.layer_idx = hop_index
+    hop.dfs_input_scale = float(scale)
+    hop.register_forward_pre_hook(_scale_input, with_kwargs=True)
+    return hop
+
+
+class StackedModelBuilder:
+    """Builds zero-copy stacked candidates from sources the caller keeps resident."""
+
+    def __init__(self, models: dict[str, PreTrainedModel], model_a: str) -> None:
+        if model_a not in models:
+            raise StackError(f"model A {model_a!r} is not among the sources {sorted(models)}")
+        self.models, self.model_a = models, model_a
+
+    def build(self, recipe: DFSRecipe) -> PreTrainedModel:
+        if recipe.model_a.name != self.model_a:
+            raise StackError(f"the recipe's model A is {recipe.model_a.name!r} but this builder's is "
+                             f"{self.model_a!r}")
+        a = check_sources(self.models, recipe)
+        config = stacked_config(self.models, recipe)
+        with torch.device("meta"):
+            model = type(a)(config)
+        _attach_shared(model, a)
+        decoder(model).layers = nn.ModuleList(
+            make_hop(decoder(self.models[h.model]).layers[h.layer], k, s, model.config)
+            for k, (h, s) in enumerate(zip(recipe.path, recipe.scales)))
+        _check_no_meta(model)
+        return model.train(a.training)
+
+
+def _attach_shared(model: PreTrainedModel, a: PreTrainedModel) -> None:
+    """Give `model` model A's embeddings, final norm, head, rotary embedding and generation config."""
+    dec, dec_a = decoder(model), decoder(a)
+    for name, child in dec_a.named_children():
+        if name != "layers":
+            setattr(dec, name, child)
+    for name, child in a.named_children():
+        if child is not dec_a:
+            setattr(model, name, child)
+    if getattr(a, "generation_config", None) is not None:
+        model.generation_config = copy.deepcopy(a.generation_config)
+
+
+def _check_no_meta(model: nn.Module) -> None:
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise StackError(f"the stacked model still has meta tensors {left[:5]}; this architecture has "
+                         "modules DFS stacking does not know how to share")
+
+
+def materialize_copy(models: dict[str, PreTrainedModel], recipe: DFSRecipe) -> PreTrainedModel:
+    """The same stacked model with independent tensors, built the ordinary way (the test oracle).
+
+    The model is constructed from the stacked config, so every layer gets its `layer_idx` and
+    layer type from transformers itself; only the input scales use pre-hooks.
+    """
+    a = check_sources(models, recipe)
+    model = type(a)(stacked_config(models, recipe)).to(device=a.device, dtype=a.dtype)
+    prefix = _layers_prefix(a)
+    state = {k: v.detach().clone() for k, v in a.state_dict().items() if not k.startswith(prefix)}
+    for k, hop in enumerate(recipe.path):
+        src = decoder(models[hop.model]).layers[hop.layer]
+        state.update({f"{prefix}{k}.{n}": t.detach().clone() for n, t in src.state_dict().items()})
+    model.load_state_dict(state, strict=True)
+    for layer, s in zip(decoder(model).layers, recipe.scales):
+        layer.dfs_input_scale = float(s)
+        layer.register_forward_pre_hook(_scale_input, with_kwargs=True)
+    if getattr(a, "generation_config", None) is not None:
+        model.generation_config = copy.deepcopy(a.generation_config)
+    return model.train(a.training)
+
+
+def _layers_prefix(model: PreTrainedModel) -> str:
+    """The state-dict prefix of the decoder layers, e.g. 'model.layers.'."""
+    dec = decoder(model)
+    for name, module in model.named_modules():
+        if module is dec.layers:
+            return name + "."
+    raise StackError("the decoder's layers are not reachable from the model")

@@ -1,0 +1,149 @@
+"""Export a DFS recipe as a plain checkpoint of model A's architecture, input scales folded in.
+
+Why the fold is exact for pre-norm RMSNorm decoders (up to the norms' eps). The stacked model
+feeds hop k with x_k = s_k * h_k, h_k being the residual stream that leaves hop k-1. Let
+c_k = s_0 * ... * s_k and suppose the plain model's stream entering hop k is g_k = x_k * K / c_k
+for one constant K > 0. Each branch of hop k (attention, MLP) reads the stream only through an
+RMSNorm, which ignores a positive factor, so it computes what the scaled model's branch
+computes; dividing the branch's last linear map (o_proj, down_proj; weight and bias) by
+c_k / K makes its output K / c_k times the scaled model's, the same factor as the stream it is
+added to. So the plain stream leaving hop k is h_{k+1} * K / c_k = x_{k+1} * K / c_{k+1}, the
+claim for hop k+1. It holds at hop 0 when the embedding rows are multiplied by K (g_0 = K * e,
+x_0 = s_0 * e, c_0 = s_0). The final RMSNorm removes the last factor K / c_last.
+
+RMSNorm(v / a) = v / sqrt(mean(v^2) + a^2 * eps): a factor a != 1 changes the effective eps.
+We take K = s_0, so hop 0's scale folds into the embeddings and the first hop, where the
+residual stream is smallest and eps matters most, is exact; hop k's branch outputs are divided
+by s_1 * ... * s_k. With tied embeddings the embedding matrix is also the head, so K = 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from evomerge.dfs import DFSRecipe
+from evomerge.stack import StackedModelBuilder, StackError, check_sources, decoder
+
+log = logging.getLogger(__name__)
+
+# Pre-norm RMSNorm decoders whose branches end in o_proj / down_proj with nothing after them
+# (Gemma's and OLMo-2's output norms would undo the fold, so they are not listed).
+FOLDABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_BRANCH_OUTPUTS = ("self_attn.o_proj.", "mlp.down_proj.")
+
+
+def fold_factors(recipe: DFSRecipe, tied: bool) -> tuple[float, list[float]]:
+    """(embedding multiplier K, divisor c_k / K of hop k's branch outputs), see the module docstring."""
+    k0 = 1.0 if tied else recipe.scales[0]
+    divisors, c = [], 1.0
+    for s in recipe.scales:
+        c *= s
+        divisors.append(c / k0)
+    return k0, divisors
+
+
+def check_foldable(model: PreTrainedModel) -> None:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FOLDABLE_MODEL_TYPES:
+        raise StackError(f"exporting a DFS model as a plain checkpoint folds input scales into o_proj and "
+                         f"down_proj, which is proven for {FOLDABLE_MODEL_TYPES}, not {model_type!r}")
+
+
+def export_state(models: dict[str, PreTrainedModel], recipe: DFSRecipe
+                 ) -> tuple[PreTrainedConfig, dict[str, torch.Tensor]]:
+    """Config and independent, folded tensors of the plain model equivalent to the recipe."""
+    a = check_sources(models, recipe)
+    check_foldable(a)
+    stacked = StackedModelBuilder(models, recipe.model_a.name).build(recipe)
+    tied = bool(getattr(a.config, "tie_word_embeddings", False))
+    k0, divisors = fold_factors(recipe, tied)
+    _warn_if_extreme(divisors, a.dtype)
+    embed_key = _key_of(stacked, decoder(stacked).embed_tokens.weight)
+    layers = _key_of(stacked, decoder(stacked).layers) + "."
+    state = {}
+    for key, t in stacked.state_dict().items():
+        factor = 1.0
+        if key == embed_key:
+            factor = k0
+        elif key.startswith(layers):
+            hop, rest = key[len(layers):].split(".", 1)
+            if rest.startswith(_BRANCH_OUTPUTS):
+                factor = 1.0 / divisors[int(hop)]
+        state[key] = _scaled_copy(t, factor)
+    if tied:
+        state.pop(_key_of(stacked, stacked.get_output_embeddings()) + ".weight", None)
+    return copy.deepcopy(stacked.config), state
+
+
+def _scaled_copy(t: torch.Tensor, factor: float) -> torch.Tensor:
+    if factor == 1.0:
+        return t.detach().clone().contiguous()
+    return (t.detach().float() * factor).to(t.dtype).contiguous()
+
+
+def _key_of(model: torch.nn.Module, target) -> str:
+    """The state-dict name of a parameter or the module path of a submodule of `model`."""
+    if isinstance(target, torch.Tensor):
+        items = model.named_parameters(remove_duplicate=False)
+    else:
+        items = model.named_modules()
+    for name, obj in items:
+        if obj is target:
+            return name
+    raise StackError("internal: a module of the stacked model is not reachable from it")
+
+
+def _warn_if_extreme(divisors: list[float], dtype: torch.dtype) -> None:
+    spread = max(abs(math.log10(d)) for d in divisors)
+    if dtype == torch.float16 and spread > 3:
+        log.warning("folding divides some layers' o_proj/down_proj by up to 1e%d; in float16 that loses "
+                    "precision (export in bfloat16 or float32)", round(spread))
+
+
+def plain_model(models: dict[str, PreTrainedModel], recipe: DFSRecipe) -> PreTrainedModel:
+    """The exported model in memory: model A's class, `len(path)` layers, folded weights."""
+    config, state = export_state(models, recipe)
+    a = models[recipe.model_a.name]
+    with torch.device("meta"):
+        model = type(a)(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        missing = [k for k in missing if model.get_parameter(k) is not model.get_input_embeddings().weight]
+    if missing or unexpected:
+        raise StackError(f"internal: exported state does not fit {type(model).__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    _fill_meta_buffers(model, a)
+    if getattr(a, "generation_config", None) is not None:
+        model.generation_config = copy.deepcopy(a.generation_config)
+    return model.eval()
+
+
+def _fill_meta_buffers(model: PreTrainedModel, a: PreTrainedModel) -> None:
+    """Copy from model A the non-persistent buffers (rotary inv_freq) that state dicts do not carry."""
+    for name, module in model.named_modules():
+        for bname, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                full = f"{name}.{bname}" if name else bname
+                if ".layers." in f".{full}":
+                    raise StackError(f"decoder-layer buffer {full!r} is not in the state dict; this "
+                                     "architecture is not supported for export")
+                module.register_buffer(bname, a.get_buffer(full).detach().clone(), persistent=False)
+
+
+def save_standard_checkpoint(models: dict[str, PreTrainedModel], recipe: DFSRecipe, tokenizer,
+                             out_dir: str | Path) -> Path:
+    """Write a checkpoint `AutoModelForCausalLM.from_pretrained(out_dir)` loads with no custom code."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = plain_model(models, recipe)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
