@@ -181,6 +181,42 @@ def _add_export_parsers(sub) -> None:
     p.set_defaults(func=cmd_trials)
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from evomerge.dashboard import TOKEN_ENV, DashboardConfig, DashboardError, serve
+
+    config = DashboardConfig(storages=args.storage, host=args.host, port=args.port,
+                             token=args.token or os.environ.get(TOKEN_ENV) or None,
+                             export_root=Path(args.export_root), ray_address=args.ray_address)
+    try:
+        serve(config)
+    except DashboardError as exc:
+        print(f"evomerge: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_dashboard_parser(sub) -> None:
+    p = sub.add_parser("dashboard", help="web dashboard: studies, progress, best recipe, pause/resume/export "
+                                         "buttons, with optuna-dashboard mounted beside it",
+                       description="Serve evomerge's study pages (state, trials, best against the sources, "
+                                   "the best recipe; Pause, Resume and Export) and optuna-dashboard (under "
+                                   "/dashboard) from one local server.")
+    p.add_argument("--storage", action="append", metavar="URL",
+                   help="storage URL; repeat for several (default: every ./runs/*/study.db)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any non-loopback address needs --token)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--token", help="access token (16+ characters) every request must carry, required off "
+                                   "loopback (default: $EVOMERGE_DASHBOARD_TOKEN)")
+    p.add_argument("--export-root", default="runs/exports",
+                   help="directory that exports are written under; nothing is written outside it "
+                        "(default: runs/exports)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="resume studies as Ray jobs (`ray job submit --address ADDR`, e.g. http://HEAD:8265) "
+                        "instead of local processes")
+    p.set_defaults(func=cmd_dashboard)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge",
@@ -238,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     b.set_defaults(func=cmd_toy_build)
     _add_export_parsers(sub)
+    _add_dashboard_parser(sub)
     return parser
 
 

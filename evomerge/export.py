@@ -281,36 +281,28 @@ def export_study(study: str, storage: str | None = None, trial: int | None = Non
                  printer: Callable[[str], None] = print) -> ExportResult:
     """Write a trial (default: the best) of a study as recipe, mergekit config, checkpoint and card."""
     from evomerge.config import config_from_dict
-    from evomerge.modelcard import (PLOT_FILE, CardData, plot_fitness, score_rows, search_info,
-                                    task_columns, write_card_files)
+    from evomerge.modelcard import write_study_card
     from evomerge.study import load
-    from evomerge.trials import default_storage_url, trials_frame
+    from evomerge.trials import default_storage_url
 
     url = storage or default_storage_url(study)
     rec = load(study, url)
-    snapshot = rec.get("config")
-    if snapshot is None:
+    if rec.get("config") is None:
         raise ExportError(f"study {study!r} in {url} was not made by evomerge (no experiment snapshot)")
-    cfg = config_from_dict(snapshot, where=f"snapshot of {study!r}")
+    cfg = config_from_dict(rec.get("config"), where=f"snapshot of {study!r}")
     t = pick_trial(rec, trial)
     target = prepare_out_dir(out, force)
     printer(f"exporting trial {t.number} of {study!r} (generation {t.user_attrs['generation']}, "
             f"fitness {t.value:.4f}) to {target}")
-    opts = BuildOptions(device, cfg.allow_pickle, cfg.trust_remote_code)
     header = [f"evomerge recipe of study {study!r}, trial {t.number} (fitness {t.value!r}).",
               "Re-run: evomerge merge recipe.yaml --out DIR"]
-    res, _ = write_recipe_outputs(t.user_attrs["recipe"], target, opts=opts, max_shard_size=max_shard_size,
-                                  header=header, printer=printer)
+    res, built = write_recipe_outputs(t.user_attrs["recipe"], target, max_shard_size=max_shard_size,
+                                      opts=BuildOptions(device, cfg.allow_pickle, cfg.trust_remote_code),
+                                      header=header, printer=printer)
     res.trial, res.fitness = t.number, t.value
-    table = trials_frame(rec.study)
-    baselines = {n: b["fitness"] for n, b in rec.baselines().items() if b.get("fitness") is not None}
-    plot = plot_fitness(table, baselines, target / PLOT_FILE, highlight=t.number)
-    data = CardData(recipe=recipe_kind(t.user_attrs["recipe"]).parse(t.user_attrs["recipe"]).to_dict(),
-                    fingerprints=res.fingerprints, mergekit_notes=res.mergekit_notes,
-                    has_mergekit=(target / "mergekit.yaml").exists(), trial=t.number, fitness=t.value,
-                    search=search_info(rec, cfg, table), tasks=task_columns(cfg),
-                    rows=score_rows(cfg, rec, t), plot=PLOT_FILE if plot else None)
-    res.files += ([plot] if plot else []) + write_card_files(data, target, url, res.files)
+    res.files += write_study_card(rec, cfg, t, target, recipe=built.recipe.to_dict(),
+                                  fingerprints=res.fingerprints, mergekit_notes=res.mergekit_notes,
+                                  files=res.files)
     _finish(res, printer)
     return res
 
@@ -341,9 +333,4 @@ def _finish(res: ExportResult, printer: Callable[[str], None]) -> None:
     printer(f"wrote {len(res.files)} files to {res.out}: " + ", ".join(sorted({p.name for p in res.files})))
 
 
-def _api_export(study: str, storage: str | None = None, trial: int | None = None, *, out: str | Path,
-                **kwargs) -> ExportResult:
-    return export_study(study, storage, trial, out=out, **kwargs)
-
-
-_callable_module(__name__, "_api_export")
+_callable_module(__name__, "export_study")  # evomerge.export(...) works after `import evomerge.export`

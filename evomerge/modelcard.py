@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from evomerge.trials import candidates
+from evomerge.trials import candidates, trials_frame
 
 PLOT_FILE = "fitness.png"
 
@@ -241,6 +241,19 @@ def summary_dict(data: CardData, study_storage: str | None, files: list[Path]) -
         "mergekit_notes": data.mergekit_notes or [], "fingerprints": data.fingerprints,
         "files": sorted(p.name for p in files), "exported_at": time.time(),
     }
+
+
+def write_study_card(rec, cfg, trial, out: Path, *, recipe: dict, fingerprints: dict,
+                     mergekit_notes: list[str], files: list[Path]) -> list[Path]:
+    """fitness.png, README.md and summary.json of one exported trial of a study."""
+    table = trials_frame(rec.study)
+    baselines = {n: b["fitness"] for n, b in rec.baselines().items() if b.get("fitness") is not None}
+    plot = plot_fitness(table, baselines, out / PLOT_FILE, highlight=trial.number)
+    data = CardData(recipe=recipe, fingerprints=fingerprints, mergekit_notes=mergekit_notes,
+                    has_mergekit=(out / "mergekit.yaml").exists(), trial=trial.number, fitness=trial.value,
+                    search=search_info(rec, cfg, table), tasks=task_columns(cfg),
+                    rows=score_rows(cfg, rec, trial), plot=PLOT_FILE if plot else None)
+    return ([plot] if plot else []) + write_card_files(data, out, rec.storage_url, files)
 
 
 def write_card_files(data: CardData, out: Path, storage: str | None, files: list[Path]) -> list[Path]:

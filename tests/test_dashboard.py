@@ -358,7 +358,8 @@ def test_export_runs_into_the_export_root_and_offers_recipe_yaml(storage, tmp_pa
     assert r.status == 303
     (command, log), = launcher.calls
     out = (tmp_path / "exports" / STUDY / "trial-5").resolve()
-    assert command == [sys.executable, "-m", "evomerge.cli", "export", STUDY, "--storage", storage, "--out", str(out)]
+    assert command == [sys.executable, "-m", "evomerge.cli", "export", STUDY, "--storage", storage,
+                       "--trial", "5", "--out", str(out)]
     assert log.parent == (tmp_path / "exports" / ".logs").resolve()
     page = call(app, "GET", "/evomerge/study", {"storage": 0, "name": STUDY}).text
     href = f"/evomerge/files/{STUDY}/trial-5/recipe.yaml"
@@ -373,8 +374,13 @@ def test_export_runs_into_the_export_root_and_offers_recipe_yaml(storage, tmp_pa
 def test_export_of_a_chosen_trial_into_a_chosen_dir(app, launcher, tmp_path):
     assert post(app, "export", app.guard.form_token, trial="2", dir="mine/t2").status == 303
     command = launcher.calls[0][0]
-    assert command[-4:] == ["--out", str((tmp_path / "exports" / "mine" / "t2").resolve()), "--trial", "2"]
+    assert command[-4:] == ["--trial", "2", "--out", str((tmp_path / "exports" / "mine" / "t2").resolve())]
     assert post(app, "export", app.guard.form_token, trial="99").status == 404
+    (tmp_path / "exports" / "mine" / "t2" / "recipe.yaml").write_text("old")
+    again = post(app, "export", app.guard.form_token, trial="2", dir="mine/t2")
+    assert again.status == 409 and "already holds an export" in again.text and len(launcher.calls) == 1
+    assert post(app, "export", app.guard.form_token, trial="2", dir="mine/t2", overwrite="1").status == 303
+    assert launcher.calls[1][0][-1] == "--force"
 
 
 def test_export_paths_cannot_leave_the_export_root(app, launcher, tmp_path):

@@ -163,16 +163,21 @@ class Actions:
     def export_dir(self, ref: StudyRef, trial: int, subdir: str | None) -> Path:
         return inside_root(self.export_root, subdir or f"{safe_name(ref.name)}/trial-{trial}")
 
-    def export(self, ref: StudyRef, trial: int | None, subdir: str | None) -> Job:
-        """Export trial `trial` (default: the best) into a directory under the export root."""
+    def export(self, ref: StudyRef, trial: int | None, subdir: str | None, overwrite: bool = False) -> Job:
+        """Export trial `trial` (default: the best now) into a directory under the export root, with
+        `evomerge export` in its own process: merging loads whole models, which must not bloat or
+        block the dashboard."""
         number, _ = trial_recipe(self.storages, ref, trial)
         out = self.export_dir(ref, number, subdir)
         busy = [j for j in self.jobs.of(ref, "export") if j.out == out and j.running]
         if busy:
             raise ActionRefused(f"an export into {out} is still running (pid {busy[-1].process.pid})")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise ActionRefused(f"{out} already holds an export (its files are listed on the study page); "
+                                "choose another directory or tick 'overwrite'")
         out.mkdir(parents=True, exist_ok=True)
         command = [self.python, "-m", "evomerge.cli", "export", ref.name, "--storage", ref.storage,
-                   "--out", str(out)] + ([] if trial is None else ["--trial", str(number)])
+                   "--trial", str(number), "--out", str(out)] + (["--force"] if overwrite else [])
         log = self.export_root.resolve() / ".logs" / f"{safe_name(ref.name)}-trial-{number}-{stamp()}.log"
         return self.jobs.add(Job("export", ref, command, log, self.launcher(command, log), out=out))
 

@@ -8,32 +8,23 @@ shows is chosen by a cookie that the study pages' links set.
 
 from __future__ import annotations
 
-import itertools
 import threading
-from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.cookies import SimpleCookie
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
-from urllib.parse import parse_qs, quote, urlencode
+from urllib.parse import quote, urlencode
 
 import yaml
 
 from evomerge.dashboard import pages
 from evomerge.dashboard.actions import ActionRefused, Actions, Launcher, detached, exports_of
 from evomerge.dashboard.data import NotFound, StudyRef, Storages, list_rows, study_page, trial_recipe
-from evomerge.dashboard.security import AUTH_COOKIE, DashboardError, Guard, PathRefused, inside_root
+from evomerge.dashboard.security import AUTH_COOKIE, Guard, PathRefused, inside_root
+from evomerge.dashboard.web import BadRequest, Flash, Request, Response, download, error, html, redirect
 from evomerge.status import discover_storages
 from evomerge.study import StudyError
 
 OPTUNA_COOKIE = "evomerge_optuna"
-MAX_FORM_BYTES = 64 * 1024
-PAGE_HEADERS = [
-    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
-                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
-    ("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
-    ("Cache-Control", "no-store"),
-]
 
 
 @dataclass
@@ -47,104 +38,6 @@ class DashboardConfig:
     export_root: Path = Path("runs/exports")
     ray_address: str | None = None
     runs_dir: Path = Path("runs")
-
-
-@dataclass
-class Request:
-    environ: dict
-    method: str
-    path: str
-    query: dict[str, str]
-    cookies: dict[str, str]
-
-    @classmethod
-    def of(cls, environ: dict) -> "Request":
-        query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).items()}
-        jar = SimpleCookie()
-        try:
-            jar.load(environ.get("HTTP_COOKIE", ""))
-        except Exception:
-            pass
-        return cls(environ, environ.get("REQUEST_METHOD", "GET").upper(), environ.get("PATH_INFO", "/") or "/",
-                   query, {k: m.value for k, m in jar.items()})
-
-    def header(self, name: str) -> str | None:
-        return self.environ.get("HTTP_" + name.upper().replace("-", "_"))
-
-    def form(self) -> dict[str, str]:
-        """The url-encoded body of an HTML form (the only kind the pages send)."""
-        ctype = (self.environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
-        if ctype != "application/x-www-form-urlencoded":
-            raise BadRequest(415, "actions take an HTML form (application/x-www-form-urlencoded)")
-        try:
-            length = int(self.environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = 0
-        if length > MAX_FORM_BYTES:
-            raise BadRequest(413, "form too large")
-        body = self.environ["wsgi.input"].read(length).decode("utf-8", errors="replace")
-        return {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes | Iterable[bytes] = b""
-    headers: list[tuple[str, str]] = field(default_factory=list)
-
-    def __call__(self, start_response) -> Iterable[bytes]:
-        phrase = HTTPStatus(self.status).phrase
-        start_response(f"{self.status} {phrase}", self.headers)
-        return [self.body] if isinstance(self.body, bytes) else self.body
-
-
-class BadRequest(DashboardError):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def html(status: int, title: str, body: str, flash: tuple[str, str] | None = None) -> Response:
-    text = pages.layout(title, body, flash).encode()
-    return Response(status, text, [("Content-Type", "text/html; charset=utf-8"), *PAGE_HEADERS])
-
-
-def error(status: int, message: str, back: str | None = None) -> Response:
-    return html(status, f"{status} {HTTPStatus(status).phrase}", pages.error_html(status, message, back))
-
-
-def redirect(location: str, status: int = 303, headers: list[tuple[str, str]] = ()) -> Response:
-    return Response(status, b"", [("Location", location), *headers])
-
-
-def download(path: Path, name: str) -> Response:
-    """Always an attachment of opaque type: an exported file must never render as a page here."""
-    safe = "".join(c for c in name if c.isalnum() or c in "._-") or "download"
-    fh = open(path, "rb")
-    return Response(200, iter(lambda: fh.read(65536), b""), [
-        ("Content-Type", "application/octet-stream"), ("Content-Length", str(path.stat().st_size)),
-        ("Content-Disposition", f'attachment; filename="{safe}"'), *PAGE_HEADERS])
-
-
-class Flash:
-    """One-shot messages shown after an action redirects back to its page."""
-
-    def __init__(self) -> None:
-        self._messages: dict[str, tuple[str, str]] = {}
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-
-    def put(self, level: str, text: str) -> str:
-        with self._lock:
-            key = str(next(self._ids))
-            self._messages[key] = (level, text)
-            for old in list(self._messages)[:-100]:
-                del self._messages[old]
-            return key
-
-    def take(self, key: str | None) -> tuple[str, str] | None:
-        with self._lock:
-            return self._messages.pop(key, None) if key else None
 
 
 class DashboardApp:
@@ -249,11 +142,8 @@ class DashboardApp:
         ref = self._ref(req.query)
         trial = _trial_number(req.query.get("trial"))
         number, recipe = trial_recipe(self.storages, ref, trial)
-        name = f"{ref.name}-trial-{number}-recipe.yaml"
-        return Response(200, yaml.safe_dump(recipe, sort_keys=False).encode(), [
-            ("Content-Type", "application/octet-stream"),
-            ("Content-Disposition", f'attachment; filename="{"".join(c for c in name if c.isalnum() or c in "._-")}"'),
-            *PAGE_HEADERS])
+        body = yaml.safe_dump(recipe, sort_keys=False).encode()
+        return download(body, f"{ref.name}-trial-{number}-recipe.yaml")
 
     def file_view(self, req: Request) -> Response:
         relative = req.path.removeprefix("/evomerge/files/")
@@ -307,7 +197,8 @@ class DashboardApp:
 
     def export(self, req: Request) -> Response:
         def act(ref: StudyRef, form: dict) -> str:
-            job = self.actions.export(ref, _trial_number(form.get("trial")), form.get("dir", "").strip() or None)
+            job = self.actions.export(ref, _trial_number(form.get("trial")), form.get("dir", "").strip() or None,
+                                      overwrite=form.get("overwrite") == "1")
             return f"export started into {job.out} (pid {job.process.pid}); its files appear below when done"
         return self._run_action(req, act)
 

@@ -115,7 +115,7 @@ def _actions(page: StudyPage, token: str) -> str:
         buttons.append(_form("resume", ref, token, "Resume"))
     export_fields = ('<label>trial <input name="trial" size="5" placeholder="best"></label> '
                      '<label>into <input name="dir" size="28" placeholder="STUDY/trial-N (under the export root)">'
-                     "</label> ")
+                     '</label> <label><input type="checkbox" name="overwrite" value="1"> overwrite</label> ')
     buttons.append(_form("export", ref, token, "Export", export_fields))
     return "".join(buttons)
 

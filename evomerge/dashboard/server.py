@@ -14,7 +14,7 @@ import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from evomerge.dashboard.app import DashboardApp, DashboardConfig
-from evomerge.dashboard.security import redact
+from evomerge.dashboard.security import DashboardError, redact
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
@@ -36,7 +36,11 @@ class _Handler(WSGIRequestHandler):
 def make_http_server(app, host: str, port: int) -> WSGIServer:
     """Bound and ready; port 0 picks a free port (see `server.server_port`)."""
     server_class = _Server6 if ":" in host else _Server
-    return make_server(host.strip("[]"), port, app, server_class=server_class, handler_class=_Handler)
+    try:
+        return make_server(host.strip("[]"), port, app, server_class=server_class, handler_class=_Handler)
+    except OSError as exc:
+        raise DashboardError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                             "choose another --port or --host") from None
 
 
 def url_of(host: str, port: int) -> str:
