@@ -57,6 +57,22 @@ class SpaceConfig(_Strict):
     dare_seed: int = 0
 
 
+class DFSSpaceConfig(_Strict):
+    """A data-flow (layer stacking) search space: model A's and model B's layers, repeated."""
+
+    kind: Literal["dfs"]
+    model_a: str
+    model_b: str
+    repeats: int = Field(3, ge=1)
+    scale_mode: Literal["per_hop", "pairwise"] = "per_hop"
+    scale_low: float = Field(0.25, gt=0)
+    scale_high: float = Field(4.0, gt=0)
+    min_len: int = Field(1, ge=1)
+    max_len: int | None = None
+    sigma: float = 1 / 6
+    indicator_bound: float = Field(1.5, gt=0)
+
+
 class TaskConfig(_Strict):
     task: str
     test: str | None = None
@@ -109,7 +125,7 @@ class ExperimentConfig(_Strict):
     name: str
     sources: list[SourceConfig]
     base: SourceConfig | None = None
-    search_space: SpaceConfig
+    search_space: SpaceConfig | DFSSpaceConfig = Field(discriminator="kind")
     fitness: FitnessConfig
     optimizer: OptimizerConfig = OptimizerConfig()
     resources: ResourcesConfig = ResourcesConfig()
@@ -122,6 +138,11 @@ class ExperimentConfig(_Strict):
         names = [s.name for s in self.sources] + ([self.base.name] if self.base else [])
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique (base included), got {names}")
+        if isinstance(self.search_space, DFSSpaceConfig):
+            for role in ("model_a", "model_b"):
+                if getattr(self.search_space, role) not in names:
+                    raise ValueError(f"search_space.{role} {getattr(self.search_space, role)!r} is not a "
+                                     f"source; name one of {names}")
         return self
 
     # -- derived objects -------------------------------------------------------------------
@@ -137,8 +158,24 @@ class ExperimentConfig(_Strict):
             return [TaskSpec(t.task, t.metric, t.weight, f.limit, f.num_fewshot) for t in f.tasks]
         return [TaskSpec(t.test, t.metric, t.weight, f.test_limit, f.num_fewshot) for t in f.tasks if t.test]
 
-    def space(self, num_layers: int) -> PSSpace:
+    def ref(self, name: str) -> SourceRef:
+        return next(r for r in self.source_refs() + ([self.base_ref()] if self.base else []) if r.name == name)
+
+    def is_dfs(self) -> bool:
+        return isinstance(self.search_space, DFSSpaceConfig)
+
+    def space(self, num_layers: int, layers_of: dict[str, int] | None = None):
+        """The search space; DFS needs each source's depth (`layers_of`), PS the shared one."""
         s = self.search_space
+        if isinstance(s, DFSSpaceConfig):
+            from evomerge.dfs import DFSSpace, DFSSpaceSpec
+
+            layers_of = layers_of or {}
+            spec = DFSSpaceSpec(repeats=s.repeats, scale_mode=s.scale_mode, scale_low=s.scale_low,
+                                scale_high=s.scale_high, min_len=s.min_len, max_len=s.max_len, sigma=s.sigma,
+                                indicator_bound=s.indicator_bound)
+            return DFSSpace(self.ref(s.model_a), self.ref(s.model_b), layers_of.get(s.model_a, num_layers),
+                            layers_of.get(s.model_b, num_layers), spec, dtype=self.resources.dtype)
         params = None if s.parameters is None else {
             k: ParamRange(v.low, v.high, v.init) for k, v in s.parameters.items()}
         return PSSpace(method=s.method, sources=self.source_refs(), base=self.base_ref(), num_layers=num_layers,

@@ -99,14 +99,22 @@ def _ref(d: Any, where: str) -> SourceRef:
     return SourceRef(str(d["name"]), str(d["path"]), d.get("revision"))
 
 
-def recipe_from_dict(d: dict) -> PSRecipe:
+def recipe_from_dict(d: dict):
+    """A PSRecipe or, for `kind: dfs`, a DFSRecipe."""
     if not isinstance(d, dict) or "evomerge_recipe" not in d:
         raise RecipeError("not an evomerge recipe: the top-level key 'evomerge_recipe' is missing")
     if d["evomerge_recipe"] > RECIPE_VERSION:
         raise RecipeError(f"recipe version {d['evomerge_recipe']} is newer than this evomerge "
                           f"understands ({RECIPE_VERSION}); upgrade evomerge")
+    if d.get("kind", "ps") == "dfs":
+        from evomerge.dfs import DFSRecipe, DFSRecipeError
+
+        try:
+            return DFSRecipe.from_dict(d)
+        except DFSRecipeError as exc:
+            raise RecipeError(str(exc)) from exc
     if d.get("kind", "ps") != "ps":
-        raise RecipeError(f"recipe kind {d.get('kind')!r} is not supported by this evomerge")
+        raise RecipeError(f"recipe kind {d.get('kind')!r} is unknown; expected ps or dfs")
     try:
         sources = [_ref(s, f"sources[{i}]") for i, s in enumerate(d["sources"])]
         per_model = {p: v for p, v in d.get("parameters", {}).items() if isinstance(v, dict)}

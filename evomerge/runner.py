@@ -119,13 +119,20 @@ def resume_study(name: str, storage: str, opts: RunOptions = RunOptions(),
     return run_experiment(config_from_dict(snapshot, where=f"snapshot of {name!r}"), opts, printer)
 
 
+def build_space(cfg: ExperimentConfig):
+    """The search space, from config files and safetensors headers only (no weights loaded)."""
+    refs = cfg.source_refs() + ([cfg.base_ref()] if cfg.base else [])
+    layers = {r.name: int(inspect(r, allow_pickle=cfg.allow_pickle).config["num_hidden_layers"]) for r in refs}
+    head = cfg.base.name if cfg.base else cfg.sources[0].name
+    return cfg.space(layers[head], layers)
+
+
 def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
                    printer: Callable[[str], None] = print) -> dict:
     """Run (or continue) the study of `cfg`; returns the summary that is also written to disk."""
     name = opts.study or cfg.name
     storage = opts.storage or cfg.storage or default_storage(name, opts.runs_dir)
-    head = inspect((cfg.base_ref() or cfg.source_refs()[0]), allow_pickle=cfg.allow_pickle)
-    space = cfg.space(int(head.config["num_hidden_layers"]))
+    space = build_space(cfg)
     workers = cfg.resources.workers if opts.workers is None else opts.workers
     sampler = make_sampler(cfg.optimizer.sampler, space, cfg.optimizer.seed, cfg.optimizer.population, workers)
     rec = create_or_load(name, storage, study_sampler(sampler))

@@ -97,9 +97,9 @@ class Controller:
     def run_baselines(self) -> None:
         """Each source alone and the method's default merge, scored once and kept in the study."""
         have = self.rec.baselines()
-        jobs = [Job(f"source:{n}", source=n, meta={"kind": "source"}) for n in [s.name for s in self.space.sources]
+        jobs = [Job(f"source:{n}", source=n, meta={"kind": "source"}) for n in self._source_names()
                 if n not in have]
-        if "default merge" not in have:
+        if "default merge" not in have and self.space.kind == "ps":
             jobs.append(Job("default merge", recipe=self.space.default_recipe().to_dict(), meta={"kind": "baseline"}))
         for job in jobs:
             self.pool.submit(job)
@@ -111,6 +111,11 @@ class Controller:
             self.rec.add_baseline(name, {"kind": res.job.meta["kind"], "scores": res.scores,
                                          "fitness": res.fitness, "recipe": res.job.recipe})
             self.printer(f"baseline {name:>24s}: fitness {res.fitness:.4f}")
+
+    def _source_names(self) -> list[str]:
+        if self.space.kind == "dfs":
+            return list(dict.fromkeys([self.space.model_a.name, self.space.model_b.name]))
+        return [s.name for s in self.space.sources]
 
     # -- the search -----------------------------------------------------------------------
     def run(self) -> str:

@@ -50,19 +50,14 @@ class CandidateWorker:
 
         from evomerge.config import config_from_dict
         from evomerge.evaluate import Evaluator
-        from evomerge.materialize import Materializer
-        from evomerge.sources import open_sources
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.cfg = cfg = config_from_dict(snapshot)
         if cfg.resources.torch_threads or cfg.resources.cpus_per_worker:
             torch.set_num_threads(max(1, int(cfg.resources.torch_threads or cfg.resources.cpus_per_worker)))
         self.worker_id = worker_id
-        self.sources = open_sources(cfg.source_refs(), cfg.base_ref(), dtype=cfg.resources.dtype,
-                                    device=resolve_device(cfg.resources.device), allow_pickle=cfg.allow_pickle)
-        self.materializer = Materializer(self.sources, trust_remote_code=cfg.trust_remote_code)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.sources.base.path),
-                                                       trust_remote_code=cfg.trust_remote_code)
+        self.materializer, tokenizer_path = make_materializer(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=cfg.trust_remote_code)
         self._evaluators: dict[str, Evaluator] = {}
         self._loaded: tuple | None = None
         self._make_evaluator = lambda split: Evaluator(
@@ -108,6 +103,23 @@ class CandidateWorker:
         except Exception as exc:  # a failed candidate must not stop the study
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             return JobResult(job, False, seconds=time.perf_counter() - start, worker=self.worker_id, error=detail)
+
+
+def make_materializer(cfg):
+    """PS: base + task vectors resident, one output model. DFS: models A and B resident."""
+    from evomerge.materialize import Materializer, StackMaterializer
+    from evomerge.sources import open_sources
+
+    r = cfg.resources
+    device = resolve_device(r.device)
+    if cfg.is_dfs():
+        s = cfg.search_space
+        mat = StackMaterializer([cfg.ref(s.model_a), cfg.ref(s.model_b)], s.model_a, dtype=r.dtype, device=device,
+                                allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+        return mat, mat.base_path
+    sources = open_sources(cfg.source_refs(), cfg.base_ref(), dtype=r.dtype, device=device,
+                           allow_pickle=cfg.allow_pickle)
+    return Materializer(sources, trust_remote_code=cfg.trust_remote_code), sources.base.path
 
 
 def resolve_device(device: str) -> str:

@@ -372,6 +372,7 @@ def test_export_runs_into_the_export_root_and_offers_recipe_yaml(storage, tmp_pa
 
 
 def test_export_of_a_chosen_trial_into_a_chosen_dir(app, launcher, tmp_path):
+    launcher.finished = True
     assert post(app, "export", app.guard.form_token, trial="2", dir="mine/t2").status == 303
     command = launcher.calls[0][0]
     assert command[-4:] == ["--trial", "2", "--out", str((tmp_path / "exports" / "mine" / "t2").resolve())]

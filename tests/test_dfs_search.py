@@ -1,0 +1,45 @@
+"""A DFS study end to end on tiny checkpoints: the controller, workers and stacked candidates."""
+
+from __future__ import annotations
+
+from optuna.trial import TrialState
+
+from evomerge.config import REPO_ROOT, config_from_dict
+from evomerge.recipe import recipe_from_dict
+from evomerge.runner import RunOptions, run_experiment
+from evomerge.study import load
+
+
+def test_dfs_study_runs_inline(tiny_world, tmp_path):
+    cfg = config_from_dict({
+        "name": "dfs_tiny",
+        "sources": [{"name": "a", "path": str(tiny_world["a"])}, {"name": "b", "path": str(tiny_world["b"])}],
+        "search_space": {"kind": "dfs", "model_a": "a", "model_b": "b", "repeats": 2, "max_len": 8},
+        "fitness": {"include": [str(REPO_ROOT / "tests" / "data" / "tiny_tasks")], "limit": 8,
+                    "tasks": [{"task": "tiny_add"}]},
+        "optimizer": {"sampler": "cmaes", "population": 4, "budget": {"trials": 8}},
+        "resources": {"workers": 0},
+    })
+    storage = f"sqlite:///{tmp_path / 'dfs.db'}"
+    summary = run_experiment(cfg, RunOptions(storage=storage, runs_dir=tmp_path, inline=True))
+    rec = load("dfs_tiny", storage)
+    assert set(rec.baselines()) == {"a", "b"}
+    trials = [t for t in rec.study.get_trials() if "generation" in t.user_attrs]
+    assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
+    recipes = [recipe_from_dict(t.user_attrs["recipe"]) for t in trials]
+    assert all(r.kind == "dfs" and 1 <= len(r.path) <= 8 and all(s > 0 for s in r.scales) for r in recipes)
+    assert len({tuple((h.model, h.layer) for h in r.path) + tuple(r.scales) for r in recipes}) > 1
+    assert [r["kind"] for r in summary["rows"]] == ["source", "source", "evolved"]
+
+
+def test_dfs_space_must_name_sources(tiny_world):
+    import pytest
+
+    from evomerge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model_b 'zzz' is not a source"):
+        config_from_dict({
+            "name": "x", "sources": [{"name": "a", "path": str(tiny_world["a"])}],
+            "search_space": {"kind": "dfs", "model_a": "a", "model_b": "zzz"},
+            "fitness": {"tasks": [{"task": "tiny_add"}]},
+        })
