@@ -33,10 +33,10 @@ def _run_options(args: argparse.Namespace, **extra):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from evomerge.config import load_config
-    from evomerge.runner import run_experiment
+    from evomerge.runner import run_any
 
     cfg = load_config(args.experiment)
-    run_experiment(cfg, _run_options(args, resume=args.resume))
+    run_any(cfg, _run_options(args, resume=args.resume))
     return 0
 
 

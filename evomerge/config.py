@@ -121,11 +121,29 @@ class ResourcesConfig(_Strict):
                                 "worker can take (default: one per worker; 1 disables sharding)")
 
 
+BEST_OF = "best_of:"
+
+
+class StageConfig(_Strict):
+    """One stage of a hybrid experiment: its own search space, budget and study.
+
+    A DFS stage may name `best_of:<earlier stage>` as model A (or B): the best recipe of that
+    stage, materialized as a checkpoint, e.g. PS over three sources, then DFS between the PS
+    winner and one source (the paper's hybrid).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    search_space: SpaceConfig | DFSSpaceConfig = Field(discriminator="kind")
+    budget: BudgetConfig = BudgetConfig()
+    population: int | None = None
+
+
 class ExperimentConfig(_Strict):
     name: str
     sources: list[SourceConfig]
     base: SourceConfig | None = None
-    search_space: SpaceConfig | DFSSpaceConfig = Field(discriminator="kind")
+    search_space: SpaceConfig | DFSSpaceConfig | None = Field(None, discriminator="kind")
+    stages: list[StageConfig] | None = None
     fitness: FitnessConfig
     optimizer: OptimizerConfig = OptimizerConfig()
     resources: ResourcesConfig = ResourcesConfig()
@@ -138,12 +156,39 @@ class ExperimentConfig(_Strict):
         names = [s.name for s in self.sources] + ([self.base.name] if self.base else [])
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique (base included), got {names}")
-        if isinstance(self.search_space, DFSSpaceConfig):
-            for role in ("model_a", "model_b"):
-                if getattr(self.search_space, role) not in names:
-                    raise ValueError(f"search_space.{role} {getattr(self.search_space, role)!r} is not a "
-                                     f"source; name one of {names}")
+        if (self.search_space is None) == (self.stages is None):
+            raise ValueError("give either `search_space` (one study) or `stages` (a hybrid run), not both or neither")
+        spaces = [("search_space", self.search_space, [])] if self.search_space else [
+            (f"stages[{i}].search_space", st.search_space, [BEST_OF + p.name for p in self.stages[:i]])
+            for i, st in enumerate(self.stages)]
+        if self.stages and len({st.name for st in self.stages}) != len(self.stages):
+            raise ValueError("stage names must be unique")
+        for where, space, earlier in spaces:
+            if isinstance(space, DFSSpaceConfig):
+                for role in ("model_a", "model_b"):
+                    if getattr(space, role) not in names + earlier:
+                        raise ValueError(f"{where}.{role} {getattr(space, role)!r} is not a source; name one of "
+                                         f"{names + earlier}")
         return self
+
+    def for_stage(self, index: int, best_paths: dict[str, str]) -> "ExperimentConfig":
+        """Stage `index` as a one-study experiment; `best_of:X` becomes a source at X's best checkpoint."""
+        stage = self.stages[index]
+        space = stage.search_space.model_copy()
+        sources = list(self.sources)
+        if isinstance(space, DFSSpaceConfig):
+            for role in ("model_a", "model_b"):
+                ref = getattr(space, role)
+                if ref.startswith(BEST_OF):
+                    earlier = ref.removeprefix(BEST_OF)
+                    name = f"best_of_{earlier}"
+                    if name not in [s.name for s in sources]:
+                        sources.append(SourceConfig(name=name, path=best_paths[earlier]))
+                    setattr(space, role, name)
+        optimizer = self.optimizer.model_copy(update={"budget": stage.budget,
+                                                      "population": stage.population or self.optimizer.population})
+        return self.model_copy(update={"name": f"{self.name}.{stage.name}", "sources": sources,
+                                       "search_space": space, "stages": None, "optimizer": optimizer})
 
     # -- derived objects -------------------------------------------------------------------
     def source_refs(self) -> list[SourceRef]:
@@ -230,6 +275,9 @@ def config_from_dict(raw: Any, *, base_dir: Path = Path("."), where: str = "expe
     raw = dict(raw)
     if "search_space" in raw:
         raw["search_space"] = _load_space(raw["search_space"], base_dir)
+    for stage in raw.get("stages") or []:
+        if isinstance(stage, dict) and "search_space" in stage:
+            stage["search_space"] = _load_space(stage["search_space"], base_dir)
     for key in ("sources",):
         for s in raw.get(key) or []:
             if isinstance(s, dict) and isinstance(s.get("path"), str):

@@ -112,11 +112,44 @@ def resume_study(name: str, storage: str, opts: RunOptions = RunOptions(),
     from evomerge.config import config_from_dict
     from evomerge.study import load
 
-    snapshot = load(name, storage).get("config")
+    try:
+        rec = load(name, storage)
+    except StudyError:
+        rec = _first_stage_of(name, storage)
+    hybrid = rec.get("hybrid")
+    if hybrid is not None:
+        from evomerge.stages import run_stages
+
+        opts.study, opts.storage, opts.resume = hybrid["study"], storage, True
+        return run_stages(config_from_dict(hybrid["config"], where=f"snapshot of {hybrid['study']!r}"), opts, printer)
+    snapshot = rec.get("config")
     if snapshot is None:
         raise StudyError(f"study {name!r} in {storage} was not made by evomerge (no experiment snapshot)")
     opts.study, opts.storage, opts.resume = name, storage, True
     return run_experiment(config_from_dict(snapshot, where=f"snapshot of {name!r}"), opts, printer)
+
+
+def _first_stage_of(name: str, storage: str) -> StudyRecord:
+    """`evomerge resume HYBRID` names the run; its studies are HYBRID.<stage>."""
+    import optuna
+
+    from evomerge.study import load, open_storage
+
+    for summary in optuna.get_all_study_summaries(open_storage(storage), include_best_trial=False):
+        if summary.study_name.startswith(name + "."):
+            rec = load(summary.study_name, storage)
+            if (rec.get("hybrid") or {}).get("study") == name:
+                return rec
+    return load(name, storage)  # raises the usual "no study" error
+
+
+def run_any(cfg: ExperimentConfig, opts: RunOptions = RunOptions(), printer: Callable[[str], None] = print) -> dict:
+    """One study, or a hybrid run's stages in order."""
+    if cfg.stages:
+        from evomerge.stages import run_stages
+
+        return run_stages(cfg, opts, printer)
+    return run_experiment(cfg, opts, printer)
 
 
 def build_space(cfg: ExperimentConfig):

@@ -56,3 +56,20 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_toy_dfs_and_hybrid_experiments_are_valid():
+    dfs = load_config(REPO_ROOT / "experiments" / "toy_dfs.yaml")
+    assert dfs.is_dfs() and dfs.search_space.model_a == "expert_cipher"
+    hybrid = load_config(REPO_ROOT / "experiments" / "toy_hybrid.yaml")
+    stage2 = hybrid.for_stage(1, {"ps": "/tmp/best"})
+    assert stage2.search_space.model_a == "best_of_ps" and stage2.optimizer.budget.trials == 100
+    assert [s.name for s in stage2.sources][-1] == "best_of_ps"
+
+
+def test_paper_hybrid_setup():
+    cfg = load_config(REPO_ROOT / "experiments" / "evollm_jp_hybrid.yaml")
+    stage2 = cfg.for_stage(1, {"ps": "/models/ps_best"})
+    space = stage2.space(32, {"best_of_ps": 32, "shisa_gamma": 32})
+    assert len(space.slots) == 192  # M = 64 layers, r = 3
+    assert stage2.optimizer.population == 128 and stage2.optimizer.budget.trials == 128 * 100

@@ -43,3 +43,37 @@ def test_dfs_space_must_name_sources(tiny_world):
             "search_space": {"kind": "dfs", "model_a": "a", "model_b": "zzz"},
             "fitness": {"tasks": [{"task": "tiny_add"}]},
         })
+
+
+def test_hybrid_runs_stages_in_order_and_resumes(tiny_world, tmp_path):
+    from evomerge.runner import resume_study, run_any
+
+    raw = {
+        "name": "hyb",
+        "base": {"name": "base", "path": str(tiny_world["base"])},
+        "sources": [{"name": "a", "path": str(tiny_world["a"])}, {"name": "b", "path": str(tiny_world["b"])}],
+        "stages": [
+            {"name": "ps", "budget": {"trials": 4},
+             "search_space": {"kind": "ps", "method": "task_arithmetic",
+                              "parameters": {"weight": {"low": 0.0, "high": 2.0, "init": 1.0}}}},
+            {"name": "dfs", "budget": {"trials": 4},
+             "search_space": {"kind": "dfs", "model_a": "best_of:ps", "model_b": "b", "repeats": 1}},
+        ],
+        "fitness": {"include": [str(REPO_ROOT / "tests" / "data" / "tiny_tasks")], "limit": 6,
+                    "tasks": [{"task": "tiny_add"}]},
+        "optimizer": {"sampler": "cmaes", "population": 4},
+        "resources": {"workers": 0},
+    }
+    storage = f"sqlite:///{tmp_path / 'hyb.db'}"
+    summary = run_any(config_from_dict(raw), RunOptions(storage=storage, runs_dir=tmp_path, inline=True))
+    assert summary["stages"] == ["ps", "dfs"]
+    names = [r["name"] for r in summary["rows"]]
+    assert "best_of_ps" in names and any(n.endswith("[ps]") for n in names) and any(n.endswith("[dfs]") for n in names)
+    dfs = load("hyb.dfs", storage)
+    recipe = recipe_from_dict(dfs.study.best_trial.user_attrs["recipe"])
+    assert recipe.model_a.name == "best_of_ps"
+    assert (tmp_path / "stages" / "ps" / "best" / "config.json").exists()
+    # resuming a finished hybrid by its run name re-runs nothing and gives the same table
+    again = resume_study("hyb", storage, RunOptions(inline=True, runs_dir=tmp_path), printer=lambda _: None)
+    assert [r["name"] for r in again["rows"]] == names
+    assert len(dfs.study.get_trials()) == 4

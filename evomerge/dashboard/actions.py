@@ -88,6 +88,10 @@ class Jobs:
             for job in self._jobs:
                 job.poll()
 
+    def all(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs)
+
     def of(self, ref: StudyRef, kind: str | None = None) -> list[Job]:
         with self._lock:
             return [j for j in self._jobs if j.ref == ref and kind in (None, j.kind)]

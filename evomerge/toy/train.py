@@ -26,6 +26,7 @@ class TrainSpec:
     final_lr_frac: float = 0.05
     weight_decay: float = 0.0
     clip: float = 1.0
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9)
 
     def lr_factor(self, step: int) -> float:
         if step < self.warmup:
@@ -111,12 +112,20 @@ class Packer:
         return Batch(ids, mask[:, None], pos, labels)
 
 
+def make_optimizer(model, spec: TrainSpec) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9,
+                               weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98),
+                             weight_decay=spec.weight_decay)
+
+
 def train(model, next_batch: Callable[[], list[Example]], pack: Packer, spec: TrainSpec,
           log: Callable[[str], None] | None = None) -> list[float]:
     """Full-parameter training on `next_batch()`; returns the loss of every step."""
+    torch.set_flush_denormal(True)  # denormals slow CPU training 2-8x
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98),
-                            weight_decay=spec.weight_decay)
+    opt = make_optimizer(model, spec)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, spec.lr_factor)
     losses, t0 = [], time.time()
     for step in range(spec.steps):
@@ -134,6 +143,7 @@ def train(model, next_batch: Callable[[], list[Example]], pack: Packer, spec: Tr
             log(f"  step {step + 1}/{spec.steps} loss {sum(recent) / len(recent):.4f} "
                 f"({time.time() - t0:.0f}s)")
     model.eval()
+    torch.set_flush_denormal(False)
     return losses
 
 
