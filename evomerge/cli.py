@@ -112,6 +112,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from evomerge.config import load_config
+    from evomerge.plan import format_plan, make_plans
+
+    cfg = load_config(args.experiment)
+    measured = _measured_seconds(cfg, args.storage)
+    plans = make_plans(cfg, measured_seconds=measured, workers=args.workers, eval_tokens=args.eval_tokens)
+    if args.json:
+        print(json.dumps([p.as_dict() for p in plans], indent=2))
+    else:
+        print("\n".join(format_plan(p) for p in plans))
+    return 2 if any(p.problems for p in plans) else 0
+
+
+def _measured_seconds(cfg, storage: str | None) -> float | None:
+    """Median wall seconds per candidate of the study, when it already has trials."""
+    import statistics
+
+    from evomerge.study import StudyError, load
+
+    url = storage or cfg.storage
+    if url is None:
+        db = Path("runs") / cfg.name / "study.db"
+        url = f"sqlite:///{db.resolve()}" if db.exists() else None
+    if url is None:
+        return None
+    try:
+        trials = load(cfg.name, url).study.get_trials(deepcopy=False)
+    except StudyError:
+        return None
+    secs = [t.duration.total_seconds() for t in trials if t.duration and "generation" in t.user_attrs]
+    return statistics.median(secs) if secs else None
+
+
 def cmd_toy_build(args: argparse.Namespace) -> int:
     from evomerge.toy import build_toy_world, format_score_table
 
@@ -233,6 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an existing study even if the experiment file changed")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="memory per worker, workers that fit, search size and time, without loading weights",
+                       description="Read config files and safetensors headers (hub config files when online, "
+                                   "experiments/model_configs/ snapshots offline) and print the search space, "
+                                   "memory per worker, how many workers fit here, and the estimated study time "
+                                   "when the study already has trials. Exits 2 when the plan cannot fit.")
+    p.add_argument("experiment", help="experiment YAML")
+    p.add_argument("--storage", help="storage URL of the study, to estimate time from its measured trials")
+    p.add_argument("--workers", type=int, help="plan for this many workers (default: resources.workers)")
+    p.add_argument("--eval-tokens", type=int, default=1024, help="prompt + generation tokens per eval sequence")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("resume", help="continue a study from the experiment stored in it (no YAML needed)")
     p.add_argument("study_name", metavar="STUDY")

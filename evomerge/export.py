@@ -195,6 +195,7 @@ def write_recipe_outputs(recipe_dict: dict, out: Path, *, opts: BuildOptions, ma
     recipe = kind.parse(recipe_dict)
     printer("materializing the recipe ...")
     built = kind.build(recipe, opts)
+    printer("hashing the source weights (sha256, cached per file) ...")
     prints = fingerprints(built.refs, opts.allow_pickle)
     if verify and isinstance(recipe_dict.get("fingerprints"), dict):
         check_fingerprints(recipe_dict["fingerprints"], prints)

@@ -68,7 +68,7 @@ def search_info(rec, cfg, table: pd.DataFrame) -> SearchInfo:
     started = rec.get("started")
     wall = None
     if started is not None and len(ends):
-        wall = max(0.0, ends.max().timestamp() - float(started))
+        wall = max(0.0, ends.max().to_pydatetime().timestamp() - float(started))  # naive = local, as Optuna
     return SearchInfo(
         study=rec.name, sampler=cfg.optimizer.sampler, sampler_seed=cfg.optimizer.seed,
         population=int(cand["index"].max()) + 1 if len(cand) else cfg.optimizer.population,
@@ -200,7 +200,8 @@ def _search_lines(s: SearchInfo, data: CardData) -> list[str]:
 
 def render_card(data: CardData) -> str:
     r = data.recipe
-    title = f"evomerge merge ({r['method']})" if data.trial is None else f"evomerge: {data.search.study}, trial {data.trial}"
+    title = (f"evomerge merge ({r['method']})" if data.search is None
+             else f"evomerge: {data.search.study}, trial {data.trial}")
     out = [_front_matter(r), f"# {title}", "",
            f"A `{r['method']}` merge of {len(r['sources'])} models, made with "
            f"evomerge {r.get('evomerge_version', '')}, an evolutionary search over "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from evomerge.dashboard import DashboardApp, DashboardConfig, DashboardError, serve_in_thread
+from evomerge.dashboard.actions import detached
 from evomerge.study import PREFIX
 
 STUDY = "toy-ps"
@@ -144,12 +146,20 @@ def call(app, method: str, path: str, query: dict | None = None, form: dict | No
     return Reply(got["status"], got["headers"], data)
 
 
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "study.db"
+    write_study(f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture
-def storage(tmp_path) -> str:
-    url = f"sqlite:///{tmp_path / 'runs' / STUDY / 'study.db'}"
-    (tmp_path / "runs" / STUDY).mkdir(parents=True)
-    write_study(url)
-    return url
+def storage(tmp_path, template_db) -> str:
+    """A fresh copy of the paused study for each test (creating one costs about a second)."""
+    path = tmp_path / "runs" / STUDY / "study.db"
+    path.parent.mkdir(parents=True)
+    shutil.copy(template_db, path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture
@@ -450,3 +460,10 @@ def test_cli_refuses_a_public_bind_without_token(storage):
     res = subprocess.run([sys.executable, "-m", "evomerge.cli", "dashboard", "--storage", storage,
                           "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 2 and "not a loopback address" in res.stderr and "--token" in res.stderr
+
+
+def test_detached_launch_survives_in_its_own_session(tmp_path):
+    log = tmp_path / "logs" / "child.log"
+    proc = detached([sys.executable, "-c", "import os; print('session', os.getsid(0))"], log)
+    assert proc.wait(timeout=30) == 0
+    assert log.read_text().strip() == f"session {proc.pid}"  # its own session leader: no hangup with ours

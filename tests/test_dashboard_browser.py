@@ -111,7 +111,6 @@ def _refresh_until(driver, check, what: str):
         if got:
             return got
         if time.monotonic() > deadline:
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(ARTIFACTS / "dashboard-timeout.png"))
             pytest.fail(f"{what} did not happen within {TIMEOUT} s; page:\n{driver.find_element('tag name', 'main').text}")
         time.sleep(2)
@@ -122,9 +121,11 @@ def test_resume_button_restarts_a_paused_study(browser, dashboard):
     from selenium.webdriver.common.by import By
 
     app, url = dashboard
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.get(url)
     row = browser.find_element(By.CSS_SELECTOR, f'tr[data-study="{STUDY}"]')
     assert "paused" in row.find_element(By.CSS_SELECTOR, ".state").text
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-list.png"))
     row.find_element(By.LINK_TEXT, STUDY).click()
     before = _trials_done(browser)
     assert before >= 1 and "paused" in browser.find_element(By.CSS_SELECTOR, ".state").text
@@ -148,8 +149,11 @@ def test_resume_button_restarts_a_paused_study(browser, dashboard):
     with urllib.request.urlopen(link.get_attribute("href")) as reply:
         recipe = yaml.safe_load(reply.read())
     assert recipe["kind"] == "ps" and recipe["method"] == "task_arithmetic"
+    (export,) = app.actions.jobs.of(app.storages.ref(0, STUDY), "export")
+    assert export.process.wait(timeout=TIMEOUT) == 0, export.log.read_text()[-3000:]
+    assert (export.out / "model.safetensors").exists() and (export.out / "README.md").exists()
 
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.refresh()
     shot = ARTIFACTS / "dashboard.png"
     browser.save_screenshot(str(shot))
-    print(f"screenshot: {shot}")
+    print(f"screenshots: {shot}, {ARTIFACTS / 'dashboard-list.png'}")

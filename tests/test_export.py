@@ -141,8 +141,9 @@ def test_recipe_yaml_is_complete(study):
     assert d["parameters"] == stored["parameters"] and d["dare_seed"] == 7
     assert d["evomerge_version"] == evomerge.__version__ and d["method"] == "dare_ties"
     assert d["groups"] == ["embed", "layer0", "layer1", "layer2", "head"]
-    for name in ("base", "a", "b"):
-        path = Path(study.cfg.base.path if name == "base" else next(s.path for s in study.cfg.sources if s.name == name))
+    paths = {s.name: s.path for s in [study.cfg.base, *study.cfg.sources]}
+    for name, path in paths.items():
+        path = Path(path)
         digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
         assert d["fingerprints"][name]["files"] == {"model.safetensors": digest}
     cache = json.loads((study.root / "cache" / "fingerprints.json").read_text())

@@ -41,9 +41,10 @@ def fitness_svg(points: list[TrialPoint], references: dict[str, float]) -> str:
     for n in sorted({first, last, (first + last) // 2}):
         parts.append(f'<text x="{x(n):.1f}" y="{HEIGHT - 14}" text-anchor="middle">{n}</text>')
     parts.append(f'<text x="{(PAD_L + WIDTH - PAD_R) / 2}" y="{HEIGHT - 1}" text-anchor="middle">trial</text>')
-    for k, (name, v) in enumerate(references.items()):
+    labels = _spread([y(v) + 4 for v in references.values()], gap=13)
+    for k, ((name, v), label_y) in enumerate(zip(references.items(), labels)):
         parts.append(f'<line x1="{PAD_L}" x2="{WIDTH - PAD_R}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="ref ref{k}"/>'
-                     f'<text x="{WIDTH - PAD_R + 6}" y="{y(v) + 4:.1f}" class="reflabel">{e(name)} {v:.3f}</text>')
+                     f'<text x="{WIDTH - PAD_R + 6}" y="{label_y:.1f}" class="reflabel l{k}">{e(name)} {v:.3f}</text>')
     parts.append(_best_line(points, x, y))
     for p in points:
         if p.value is None:
@@ -54,6 +55,15 @@ def fitness_svg(points: list[TrialPoint], references: dict[str, float]) -> str:
                          f'<title>trial {p.number}: {p.value:.4f}</title></circle>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _spread(ys: list[float], gap: float) -> list[float]:
+    """Label positions at least `gap` apart, each as near its line as that allows."""
+    order = sorted(range(len(ys)), key=lambda k: ys[k])
+    out = list(ys)
+    for prev, k in zip(order, order[1:]):
+        out[k] = max(out[k], out[prev] + gap)
+    return out
 
 
 def _best_line(points: list[TrialPoint], x, y) -> str:

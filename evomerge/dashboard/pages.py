@@ -25,7 +25,7 @@ button{padding:5px 14px;font-size:14px;cursor:pointer}
 .chart text{font-size:11px;fill:#57606a}.chart .grid{stroke:#eaeef2}.chart .dot{fill:#0969da;opacity:.6}
 .chart .best{fill:none;stroke:#1a7f37;stroke-width:2}.chart .fail{fill:#cf222e;font-size:14px}
 .chart .ref{stroke-dasharray:5 4;stroke-width:1.5}.chart .ref0{stroke:#bc4c00}.chart .ref1{stroke:#8250df}
-.chart .ref2{stroke:#57606a}.heatmap td.heat{text-align:center;min-width:38px;font-size:12px}
+.chart .ref2{stroke:#57606a}.chart text.l0{fill:#bc4c00}.chart text.l1{fill:#8250df}.heatmap td.heat{text-align:center;min-width:38px;font-size:12px}
 .path td{text-align:center;min-width:26px;font-size:12px}.swatch{padding:0 6px;border-radius:4px}
 .scroll{overflow-x:auto}pre{background:#f6f8fa;padding:8px;overflow-x:auto;font-size:12px}
 """
@@ -161,7 +161,7 @@ def _exports(exports: list[ExportDir]) -> str:
     items = []
     for x in exports:
         files = " ".join(f'<a href="/evomerge/files/{e(quote(f))}">{e(f.rsplit("/", 1)[-1])}</a>'
-                         for f in x.files)
+                         for f in x.files if f != x.recipe)
         recipe = (f'<a class="recipe-download" href="/evomerge/files/{e(quote(x.recipe))}"><b>recipe.yaml</b></a> · '
                   if x.recipe else "")
         items.append(f"<li><code>{e(x.relative)}</code>: {recipe}{files or '(empty so far)'}</li>")
