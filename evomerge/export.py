@@ -47,7 +47,6 @@ class Built:
     recipe: Any
     config_dir: Path  # tokenizer and generation config come from here (the base, or the first source)
     tensor_names: list[str]
-    refs: list[SourceRef]  # every checkpoint the recipe reads
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,7 @@ def _build_ps(recipe: PSRecipe, opts: BuildOptions) -> Built:
     sources = open_sources(recipe.sources, recipe.base, dtype=recipe.dtype, device=opts.device,
                            allow_pickle=opts.allow_pickle)
     model = Materializer(sources, trust_remote_code=opts.trust_remote_code).apply(recipe)
-    refs = ([recipe.base] if recipe.base else []) + list(recipe.sources)
-    return Built(model, recipe, sources.base.path, list(sources.base.shapes), refs)
+    return Built(model, recipe, sources.base.path, list(sources.base.shapes))
 
 
 def _mergekit_ps(built: Built) -> MergekitConfig:
@@ -193,12 +191,13 @@ def write_recipe_outputs(recipe_dict: dict, out: Path, *, opts: BuildOptions, ma
     """recipe.yaml, mergekit.yaml (when the kind has one) and the checkpoint, into `out`."""
     kind = recipe_kind(recipe_dict)
     recipe = kind.parse(recipe_dict)
-    printer("materializing the recipe ...")
-    built = kind.build(recipe, opts)
     printer("hashing the source weights (sha256, cached per file) ...")
-    prints = fingerprints(built.refs, opts.allow_pickle)
+    refs = ([recipe.base] if getattr(recipe, "base", None) else []) + list(recipe.sources)
+    prints = fingerprints(refs, opts.allow_pickle)
     if verify and isinstance(recipe_dict.get("fingerprints"), dict):
         check_fingerprints(recipe_dict["fingerprints"], prints)
+    printer("materializing the recipe ...")
+    built = kind.build(recipe, opts)
     res = ExportResult(out, fingerprints=prints)
     (out / "recipe.yaml").write_text(_recipe_yaml(recipe.to_dict(), prints, header))
     res.files.append(out / "recipe.yaml")

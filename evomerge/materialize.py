@@ -74,16 +74,21 @@ class Materializer:
 
     @torch.no_grad()
     def load_source(self, name: str) -> PreTrainedModel:
-        """Write one unmerged source (or the base, name "base") into the model: the baselines."""
-        names = self.sources.names
-        base_name = self.sources.base.ref.name
-        if name not in names and name not in ("base", base_name):
-            raise RecipeError(f"unknown source {name!r}; sources are {names}")
-        k = names.index(name) if name in names else None
+        """Write one unmerged source (or the base) into the model, read from its files.
+
+        Baselines are scored once per study, so reading the checkpoint again is cheap and exact,
+        where base + (source - base) could differ from the source in the last bit.
+        """
+        from evomerge.sources import load_tensors
+
+        infos = {i.ref.name: i for i in [self.sources.base, *self.sources.sources]}
+        if name == "base":
+            name = self.sources.base.ref.name
+        if name not in infos:
+            raise RecipeError(f"unknown source {name!r}; sources are {self.sources.names}")
+        weights = load_tensors(infos[name].files, self.sources.dtype, self.sources.device)
         for pname, param in self.params.items():
-            param.data.copy_(self.sources.base_weights[pname])
-            if k is not None:
-                param.data.add_(self.sources.deltas[pname][k])
+            param.data.copy_(weights[pname])
         return self.model
 
 
