@@ -256,7 +256,7 @@ def _add_dashboard_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge",
-        description="Evolve merge recipes for open language models: a CMA-ES/Optuna search over merge methods and per-layer coefficients, scored with lm-eval on Ray workers.")
+        description="Evolve merge recipes for open language models: a CMA-ES/Optuna search over merge methods and per-layer coefficients (parameter space) or layer paths (data-flow space), scored with lm-eval on Ray workers.")
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

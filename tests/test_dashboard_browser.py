@@ -99,6 +99,16 @@ def dashboard(paused_study, tmp_path):
             job.process.wait()
 
 
+def _click_and_load(driver, element) -> None:
+    """Click a link or button and wait until the browser has replaced the page."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    old = driver.find_element("tag name", "html")
+    element.click()
+    WebDriverWait(driver, 60).until(expected_conditions.staleness_of(old))
+
+
 def _trials_done(driver) -> int:
     text = driver.find_element("css selector", "td.trials").text
     return int(re.match(r"(\d+)/", text).group(1))
@@ -126,11 +136,11 @@ def test_resume_button_restarts_a_paused_study(browser, dashboard):
     row = browser.find_element(By.CSS_SELECTOR, f'tr[data-study="{STUDY}"]')
     assert "paused" in row.find_element(By.CSS_SELECTOR, ".state").text
     browser.save_screenshot(str(ARTIFACTS / "dashboard-list.png"))
-    row.find_element(By.LINK_TEXT, STUDY).click()
+    _click_and_load(browser, row.find_element(By.LINK_TEXT, STUDY))
     before = _trials_done(browser)
     assert before >= 1 and "paused" in browser.find_element(By.CSS_SELECTOR, ".state").text
 
-    browser.find_element(By.ID, "resume-button").click()
+    _click_and_load(browser, browser.find_element(By.ID, "resume-button"))
     assert "controller started" in browser.find_element(By.CSS_SELECTOR, ".flash").text
     grown = _refresh_until(browser, lambda: _trials_done(browser) > before and _trials_done(browser),
                            "the trial count growing after Resume")
@@ -142,7 +152,7 @@ def test_resume_button_restarts_a_paused_study(browser, dashboard):
     browser.refresh()
     assert _trials_done(browser) == BUDGET and "finished" in browser.find_element(By.CSS_SELECTOR, ".state").text
 
-    browser.find_element(By.ID, "export-button").click()
+    _click_and_load(browser, browser.find_element(By.ID, "export-button"))
     assert "export started" in browser.find_element(By.CSS_SELECTOR, ".flash").text
     link = _refresh_until(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "a.recipe-download"),
                           "recipe.yaml appearing after Export")[0]
