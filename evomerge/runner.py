@@ -102,7 +102,7 @@ def make_pool(cfg: ExperimentConfig, workers: int, opts: RunOptions, printer):
     if opts.inline or workers == 0:
         return InlinePool(snapshot)
     r = cfg.resources
-    start_ray(opts.ray_address, num_cpus=None)
+    printer(start_ray(opts.ray_address, num_cpus=None))
     return RayPool(snapshot, workers, cpus=r.cpus_per_worker, gpus=r.gpus_per_worker, on_event=printer)
 
 

@@ -246,15 +246,17 @@ class RayPool:
                 pass
 
 
-def start_ray(address: str | None, num_cpus: int | None = None) -> None:
+def start_ray(address: str | None, num_cpus: int | None = None) -> str:
     """Join RAY_ADDRESS / --ray-address if given, else start a local instance without its dashboard."""
     import ray
 
     if ray.is_initialized():
-        return
+        return "Ray: already initialized in this process"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        return f"Ray: joined the cluster at {address} ({ray.cluster_resources().get('CPU', 0):.0f} CPUs, " \
+               f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs)"
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return f"Ray: started a local instance ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)"
