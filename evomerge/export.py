@@ -84,7 +84,22 @@ def _mergekit_ps(built: Built) -> MergekitConfig:
     return mergekit_config(built.recipe, built.tensor_names)
 
 
-RECIPE_KINDS: dict[str, RecipeKind] = {"ps": RecipeKind(recipe_from_dict, _build_ps, _mergekit_ps)}
+def _build_dfs(recipe, opts: BuildOptions) -> Built:
+    """A layer path as a plain checkpoint of model A's architecture, the scales folded in."""
+    from evomerge.materialize import StackMaterializer
+    from evomerge.stack_export import plain_model
+
+    refs = recipe.sources
+    mat = StackMaterializer(refs, recipe.model_a.name, dtype=recipe.dtype, device=opts.device,
+                            allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
+    model = plain_model(mat.models, recipe)
+    return Built(model, recipe, mat.base_path, [n for n, _ in model.named_parameters()])
+
+
+RECIPE_KINDS: dict[str, RecipeKind] = {
+    "ps": RecipeKind(recipe_from_dict, _build_ps, _mergekit_ps),
+    "dfs": RecipeKind(recipe_from_dict, _build_dfs, None),  # mergekit has no input scales
+}
 
 
 def recipe_kind(d: dict) -> RecipeKind:

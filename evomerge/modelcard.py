@@ -198,8 +198,19 @@ def _search_lines(s: SearchInfo, data: CardData) -> list[str]:
     ]
 
 
+def card_view(recipe: dict) -> dict:
+    """A DFS recipe seen with the PS fields the card shows: its two sources and a method name."""
+    if recipe.get("kind") != "dfs":
+        return recipe
+    hops = recipe.get("hops", [])
+    path = " -> ".join(f"{h['model']}[{h['layer']}]x{h['scale']:.3g}" for h in hops)
+    return {**recipe, "method": "dfs (layer stacking)", "sources": [recipe["model_a"], recipe["model_b"]],
+            "groups": [f"{len(hops)} hops: {path}"], "granularity": {"kind": "layer path"},
+            "dare_seed": None, "options": {"input scales": "folded into o_proj/down_proj"}}
+
+
 def render_card(data: CardData) -> str:
-    r = data.recipe
+    r = card_view(data.recipe)
     title = (f"evomerge merge ({r['method']})" if data.search is None
              else f"evomerge: {data.search.study}, trial {data.trial}")
     out = [_front_matter(r), f"# {title}", "",
@@ -235,7 +246,7 @@ def summary_dict(data: CardData, study_storage: str | None, files: list[Path]) -
     """summary.json: the card's numbers, machine-readable."""
     return {
         "study": data.search.study if data.search else None, "storage": study_storage,
-        "trial": data.trial, "fitness": data.fitness, "method": data.recipe["method"],
+        "trial": data.trial, "fitness": data.fitness, "method": card_view(data.recipe)["method"],
         "search": asdict(data.search) if data.search else None,
         "tasks": [asdict(t) for t in data.tasks], "rows": data.rows,
         "mergekit_exact": data.has_mergekit and not data.mergekit_notes,

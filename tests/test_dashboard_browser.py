@@ -129,6 +129,7 @@ def _refresh_until(driver, check, what: str):
 
 def test_resume_button_restarts_a_paused_study(browser, dashboard):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
 
     app, url = dashboard
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -166,4 +167,8 @@ def test_resume_button_restarts_a_paused_study(browser, dashboard):
     browser.refresh()
     shot = ARTIFACTS / "dashboard.png"
     browser.save_screenshot(str(shot))
-    print(f"screenshots: {shot}, {ARTIFACTS / 'dashboard-list.png'}")
+
+    _click_and_load(browser, browser.find_element(By.LINK_TEXT, "history"))
+    WebDriverWait(browser, 60).until(lambda d: f"{STUDY} (id=" in d.find_element(By.TAG_NAME, "body").text)
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-optuna.png"))
+    print(f"screenshots: {shot}, {ARTIFACTS / 'dashboard-list.png'}, {ARTIFACTS / 'dashboard-optuna.png'}")

@@ -77,3 +77,28 @@ def test_hybrid_runs_stages_in_order_and_resumes(tiny_world, tmp_path):
     again = resume_study("hyb", storage, RunOptions(inline=True, runs_dir=tmp_path), printer=lambda _: None)
     assert [r["name"] for r in again["rows"]] == names
     assert len(dfs.study.get_trials()) == 4
+
+
+def test_dfs_trial_exports_as_a_plain_checkpoint(tiny_world, tmp_path):
+    """The exported DFS checkpoint loads with plain transformers and gives the stacked model's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.dfs import DFSRecipe, LayerRef
+    from evomerge.export import merge_recipe
+    from evomerge.materialize import StackMaterializer
+    from evomerge.sources import SourceRef
+
+    a, b = SourceRef("a", str(tiny_world["a"])), SourceRef("b", str(tiny_world["b"]))
+    recipe = DFSRecipe(model_a=a, model_b=b, path=[LayerRef("a", 0), LayerRef("b", 1), LayerRef("a", 1),
+                                                   LayerRef("b", 1), LayerRef("a", 2)],
+                       scales=[1.0, 0.5, 2.0, 1.5, 0.75])
+    res = merge_recipe(recipe, tmp_path / "out", printer=lambda _: None)
+    assert not (res.out / "mergekit.yaml").exists() and "mergekit" in res.mergekit_notes[0]
+    plain = AutoModelForCausalLM.from_pretrained(res.out)
+    assert plain.config.num_hidden_layers == 5
+    stacked = StackMaterializer([a, b], "a").apply(recipe)
+    ids = torch.tensor([[1, 5, 9, 13, 20, 7, 3, 11]])
+    with torch.no_grad():
+        want, got = stacked(ids).logits, plain(ids).logits
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())

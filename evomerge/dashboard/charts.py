@@ -9,7 +9,7 @@ import yaml
 
 from evomerge.dashboard.data import TrialPoint
 
-WIDTH, HEIGHT, PAD_L, PAD_R, PAD_T, PAD_B = 720, 260, 56, 150, 12, 34
+WIDTH, HEIGHT, PAD_L, PAD_R, PAD_T, PAD_B = 840, 260, 56, 230, 12, 34
 SOURCE_COLOURS = ["#d8e8f8", "#fde3c8", "#dff0d8", "#eadcf0", "#f8dbe0"]
 
 
