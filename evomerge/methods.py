@@ -21,6 +21,7 @@ from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
+from evomerge import kernels
 from evomerge import sparsify as sp
 from evomerge.sparsify import TensorCache
 
@@ -189,19 +190,78 @@ def _source(inputs: MergeInputs, k: int, scratch: torch.Tensor) -> torch.Tensor:
     return scratch.add_(inputs.deltas[k])
 
 
+# -- fused CPU kernels (evomerge.kernels): the same arithmetic in one pass ---------------------
+
+def _use_kernels(inputs: MergeInputs) -> bool:
+    base = _base(inputs)
+    if len(inputs.deltas) > kernels.MAX_MODELS or any(d.dtype != base.dtype or d.numel() != base.numel()
+                                                       for d in inputs.deltas):
+        return False
+    if inputs.out is not None and inputs.out.numel() != base.numel():
+        return False
+    return kernels.supports(base, *inputs.deltas, inputs.out)
+
+
+def _run_kernel(inputs: MergeInputs, models: list, **job) -> torch.Tensor:
+    base = _base(inputs)
+    out = inputs.out if inputs.out is not None else torch.empty(base.shape, dtype=base.dtype)
+    spec = kernels.JobSpec(base=base.data_ptr(), out=out.data_ptr(), dt_in=kernels.dtype_code(base),
+                           dt_out=kernels.dtype_code(out), n_models=len(models), **job)
+    kernels.merge(spec, models, base.numel(), keepalive=(base, out, *inputs.deltas))
+    return out
+
+
+def _model_spec(delta: torch.Tensor, weight: float, mask: sp.Mask | None = None,
+                scale: float | None = None) -> kernels.ModelSpec:
+    m = kernels.ModelSpec(delta=delta.data_ptr(), w=weight, scale=1.0 if scale is None else scale,
+                          has_scale=int(scale is not None), kind=kernels.KIND_DENSE)
+    if isinstance(mask, sp.RangeMask):
+        m.kind, m.lo_v, m.hi_v, m.lo_cut, m.hi_cut = kernels.KIND_RANGE, mask.lo_v, mask.hi_v, mask.lo_cut, mask.hi_cut
+        m.has_lo, m.has_hi = int(mask.has_lo), int(mask.has_hi)
+    elif isinstance(mask, sp.RandomMask):
+        m.kind, m.thr = kernels.KIND_RANDOM, mask.threshold
+        m.k0, m.k1 = sp.mask_keys(mask.seed)
+    elif mask is not None:
+        raise MergeError(f"the CPU kernels do not draw {type(mask).__name__} masks")
+    return m
+
+
+def _full_models(inputs: MergeInputs, coefficients: Sequence[float], *, skip_zero: bool, first_init: bool,
+                 divisor: float | None) -> torch.Tensor:
+    """sum_k c_k (base + delta_k) [/ divisor], accumulated in source order (see `linear`, `slerp`)."""
+    if _use_kernels(inputs):
+        models = [_model_spec(d, c) for d, c in zip(inputs.deltas, coefficients)]
+        return _run_kernel(inputs, models, full=1, skip_zero=int(skip_zero), first_init=int(first_init),
+                           has_div=int(divisor is not None), div=divisor or 1.0)
+    acc = _accumulator(inputs)
+    scratch = torch.empty_like(acc)
+    started = False
+    for k, c in enumerate(coefficients):
+        if skip_zero and c == 0:
+            continue
+        term = _source(inputs, k, scratch).mul_(c)
+        if not started and first_init:
+            acc.copy_(term)
+        else:
+            if not started:
+                acc.zero_()
+            acc.add_(term)
+        started = True
+    if not started:
+        acc.zero_()
+    if divisor is not None:
+        acc.div_(divisor)
+    return _emit(inputs, acc)
+
+
 def linear(inputs: MergeInputs, per_model: PerModel, global_: Globals) -> torch.Tensor:
-    """sum_k w_k theta_k (/ sum_k w_k), accumulated in mergekit's order so results agree bit for bit."""
+    """sum_k w_k theta_k (/ sum_k w_k): products rounded, then added in source order from zero, as
+    mergekit's (weights * tensors).sum(dim=0); zero weights are skipped."""
     v = _resolve(METHODS["linear"], per_model, global_, len(inputs.deltas))
     weights = torch.tensor(v["weight"], dtype=torch.float32)
-    acc = _accumulator(inputs).zero_()
-    scratch = torch.empty_like(acc)
-    for k, w in enumerate(weights):
-        if w != 0:
-            acc.addcmul_(_source(inputs, k, scratch), w)
     total = weights.sum()
-    if v["normalize"] and total.abs() >= 1e-8:
-        acc.div_(total)
-    return _emit(inputs, acc)
+    divisor = float(total) if v["normalize"] and total.abs() >= 1e-8 else None
+    return _full_models(inputs, weights.tolist(), skip_zero=True, first_init=False, divisor=divisor)
 
 
 def slerp(inputs: MergeInputs, per_model: PerModel, global_: Globals) -> torch.Tensor:
@@ -211,34 +271,49 @@ def slerp(inputs: MergeInputs, per_model: PerModel, global_: Globals) -> torch.T
         raise MergeParamError(f"method 'slerp' merges exactly 2 models, got {len(inputs.deltas)}")
     d0, d1 = inputs.deltas
     s0, s1 = sp.slerp_coefficients(float(v["t"]), inputs.cache.cosine(_base(inputs), d0, d1))  # type: ignore[arg-type]
-    acc = _accumulator(inputs)
-    scratch = torch.empty_like(acc)
-    torch.mul(_source(inputs, 0, scratch), s0, out=acc)
-    acc.add_(_source(inputs, 1, scratch).mul_(s1))
-    return _emit(inputs, acc)
+    return _full_models(inputs, [s0, s1], skip_zero=False, first_init=True, divisor=None)
 
 
 @dataclass(frozen=True)
 class _Sparsifier:
     kind: str | None  # None, "magnitude", "outliers", "random", "della"
 
-    def weighted(self, inputs: MergeInputs, k: int, v: Mapping[str, object], weight: torch.Tensor) -> torch.Tensor:
+    def mask(self, inputs: MergeInputs, k: int, v: Mapping[str, object], fast: bool) -> sp.Mask | None:
+        """Model k's keep plan, or None when its task vector is used whole."""
+        delta = inputs.deltas[k]
+        density = v["density"][k] if self.kind is not None else 1.0  # type: ignore[index]
+        if self.kind is None or density >= 1:
+            return None
+        nth = kernels.nth_equal if fast else sp.torch_nth_equal
+        if self.kind in ("magnitude", "outliers"):
+            cache = inputs.cache
+            sorted_abs, keys = cache.sorted_abs(k, delta), cache.sorted_keys(k, delta)
+            if self.kind == "magnitude":
+                return sp.magnitude_mask(delta, sorted_abs, density, nth, keys)
+            return sp.outlier_mask(delta, sorted_abs, density, v["gamma"][k], nth, keys)  # type: ignore[index]
+        seed = sp.mask_seed(inputs.seed, inputs.name, k)
+        if self.kind == "random":
+            return sp.RandomMask(seed, sp.keep_threshold(density))
+        return sp.DellaMask(seed, density, v["epsilon"][k])  # type: ignore[index]
+
+    def kernel_term(self, inputs: MergeInputs, k: int, v: Mapping[str, object], weight: float) -> kernels.ModelSpec:
+        delta = inputs.deltas[k]
+        mask = self.mask(inputs, k, v, fast=True)
+        if mask is None or not v["rescale"]:
+            return _model_spec(delta, weight, mask)
+        dt, n = kernels.dtype_code(delta), delta.numel()
+        before = inputs.cache.l1(k, delta, lambda: kernels.l1_partials(_model_spec(delta, 1.0), dt, n))
+        after = sp.l1_total(kernels.l1_partials(_model_spec(delta, 1.0, mask), dt, n))
+        return _model_spec(delta, weight, mask, sp.rescale_factor(before, after))
+
+    def weighted(self, inputs: MergeInputs, k: int, v: Mapping[str, object], weight: float) -> torch.Tensor:
         """weight * task vector k, sparsified (and L1-rescaled if asked) first: a new float32 tensor."""
         delta = inputs.deltas[k]
-        if self.kind is None or v["density"][k] >= 1:  # type: ignore[index]
+        mask = self.mask(inputs, k, v, fast=False)
+        if mask is None:
             return delta.float() * weight
-        density = v["density"][k]  # type: ignore[index]
-        if self.kind == "magnitude":
-            keep = sp.magnitude_keep(delta, inputs.cache.sorted_abs(k, delta), density)
-        elif self.kind == "outliers":
-            gamma = v["gamma"][k]  # type: ignore[index]
-            keep = sp.outlier_keep(delta, inputs.cache.sorted_abs(k, delta), density, gamma)
-        elif self.kind == "random":
-            keep = sp.random_keep(delta, density, sp.mask_seed(inputs.seed, inputs.name, k))
-        else:
-            keep = sp.della_keep(delta, inputs.cache.rank_norm(k, delta), density,
-                                 v["epsilon"][k], sp.mask_seed(inputs.seed, inputs.name, k))  # type: ignore[index]
-        masked = delta.float() * keep
+        rank_norm = inputs.cache.rank_norm(k, delta) if isinstance(mask, sp.DellaMask) else None
+        masked = delta.float() * sp.keep_tensor(mask, delta, rank_norm)
         if v["rescale"]:
             masked = sp.rescale_l1(masked, inputs.cache.l1(k, delta))
         return masked.mul_(weight)
@@ -248,13 +323,23 @@ def _task_arithmetic_family(method_name: str, sparsifier: _Sparsifier, consensus
     def fn(inputs: MergeInputs, per_model: PerModel, global_: Globals) -> torch.Tensor:
         v = _resolve(METHODS[method_name], per_model, global_, len(inputs.deltas))
         weights = torch.tensor(v["weight"], dtype=torch.float32)  # mergekit rounds weights to the dtype
-        terms = (sparsifier.weighted(inputs, k, v, weights[k]) for k in range(len(inputs.deltas)))
+        w = weights.tolist()
+        normalize, lam = bool(v["normalize"]), float(v["lambda"])  # type: ignore[arg-type]
+        divisor = None
+        if not consensus:
+            total = weights.sum()
+            divisor = float(total) if normalize and total.abs() >= 1e-8 else None
+        if sparsifier.kind != "della" and _use_kernels(inputs):
+            models = [sparsifier.kernel_term(inputs, k, v, w[k]) for k in range(len(inputs.deltas))]
+            return _run_kernel(inputs, models, consensus=int(consensus), normalize=int(normalize),
+                               has_div=int(divisor is not None), div=divisor or 1.0, has_lam=int(lam != 1),
+                               lam=lam)
+        terms = (sparsifier.weighted(inputs, k, v, w[k]) for k in range(len(inputs.deltas)))
         acc = _accumulator(inputs)
         if consensus:
-            mixed = _sign_consensus(acc, list(terms), weights, bool(v["normalize"]))
+            mixed = _sign_consensus(acc, list(terms), w, normalize)
         else:
-            mixed = _plain_sum(acc, terms, weights, bool(v["normalize"]))
-        lam = float(v["lambda"])  # type: ignore[arg-type]
+            mixed = _plain_sum(acc, terms, divisor)
         if lam != 1:
             mixed.mul_(lam)
         mixed.add_(_base(inputs))
@@ -263,18 +348,18 @@ def _task_arithmetic_family(method_name: str, sparsifier: _Sparsifier, consensus
     return fn
 
 
-def _plain_sum(acc: torch.Tensor, terms, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """sum_k w_k tau_k, divided by sum_k w_k when normalizing (a near-zero sum divides by 1)."""
+def _plain_sum(acc: torch.Tensor, terms, divisor: float | None) -> torch.Tensor:
+    """sum_k w_k tau_k from zero in model order, divided by `divisor` (sum_k w_k when normalizing and
+    not near zero)."""
     acc.zero_()
     for term in terms:
         acc.add_(term)
-    divisor = weights.sum()
-    if normalize and divisor.abs() >= 1e-8:
+    if divisor is not None:
         acc.div_(divisor)
     return acc
 
 
-def _sign_consensus(acc: torch.Tensor, terms: list[torch.Tensor], weights: torch.Tensor,
+def _sign_consensus(acc: torch.Tensor, terms: list[torch.Tensor], weights: Sequence[float],
                     normalize: bool) -> torch.Tensor:
     """TIES merge: elect the sign of sum_k w_k tau_k per entry ('sum' consensus), keep the entries
     that agree with it, and divide by the sum of the agreeing models' weights (0 -> 1)."""

@@ -17,7 +17,7 @@ from evomerge.sampler import make_sampler, study_sampler
 from evomerge.search import Controller
 from evomerge.sources import inspect
 from evomerge.study import StudyError, StudyRecord, create_or_load, default_storage, run_dir_for
-from evomerge.workers import InlinePool, RayPool, start_ray
+from evomerge.workers import InlinePool, RayPool, WorkersLost, start_ray
 
 
 @dataclass
@@ -192,6 +192,10 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
             finally:
                 pool.shutdown()
         rec.set("state", final)
+    except WorkersLost as exc:
+        rec.set("state", "stopped")
+        raise StudyError(f"{exc}. Every finished trial is saved in the study; fix the cause (memory, "
+                         f"GPUs, the cluster) and continue with `evomerge resume {name} --storage {storage}`") from exc
     except BaseException:
         rec.set("state", "stopped")
         raise

@@ -94,6 +94,9 @@ class CandidateWorker:
         return model
 
     def run(self, job: Job) -> JobResult:
+        from evomerge.faults import crash_point
+
+        crash_point("worker_run")
         start = time.perf_counter()
         try:
             model = self.load(job)
@@ -159,6 +162,10 @@ class InlinePool:
         pass
 
 
+class WorkersLost(RuntimeError):
+    """Every worker died and replacements keep dying: the run must stop (the study is intact)."""
+
+
 class RayPool:
     """One actor per worker; a job goes to whichever actor is idle, results come back as they finish.
 
@@ -176,6 +183,7 @@ class RayPool:
         self.actor_cls = ray.remote(CandidateWorker)
         self.size = workers
         self._spawned = 0
+        self._deaths_in_a_row = 0
         self.idle: list[Any] = []
         self.running: dict[Any, tuple[Any, Job]] = {}
         self.queue: list[Job] = []
@@ -221,13 +229,21 @@ class RayPool:
             try:
                 self.ready.append(self.ray.get(ref))
                 self.idle.append(actor)
+                self._deaths_in_a_row = 0
             except self.ray.exceptions.RayActorError as exc:
+                self._deaths_in_a_row += 1
+                # Every worker and a replacement for each died with nothing finishing in between.
+                if self._deaths_in_a_row >= max(2 * self.size, self.max_attempts + 1):
+                    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise WorkersLost(f"{self._deaths_in_a_row} workers died in a row (last: {first_line}); "
+                                      "the last one was scoring " + job.id) from exc
                 self._replace(actor, job, exc)
             self._dispatch()
         return self.ready.pop(0)
 
     def _replace(self, actor, job: Job, exc: Exception) -> None:
-        self.on_event(f"worker died while scoring {job.id} ({type(exc).__name__}); starting a replacement")
+        self.on_event(f"worker died while scoring {job.id} ({type(exc).__name__}, attempt {job.attempts}); "
+                      "starting a replacement")
         try:
             self.ray.kill(actor)
         except Exception:

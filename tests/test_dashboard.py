@@ -28,7 +28,7 @@ from optuna.trial import TrialState, create_trial
 
 from evomerge.dashboard import DashboardApp, DashboardConfig, DashboardError, serve_in_thread
 from evomerge.dashboard.actions import detached
-from evomerge.study import PREFIX
+from evomerge.study import PREFIX, open_storage
 
 STUDY = "toy-ps"
 GROUPS = ["embed", "layer0", "layer1", "head"]
@@ -42,11 +42,19 @@ def ps_recipe(w: float) -> dict:
             "parameters": {"weight": {"expert_add": [w, 0.5, 1.5, 2.0], "expert_cipher": [0.0, w, 1.0, 0.25]}}}
 
 
+HOPS = [("a", 0, 1.0), ("b", 1, 0.75), ("a", 3, 1.25)]
+
+
 def dfs_recipe() -> dict:
     return {"evomerge_recipe": 1, "kind": "dfs", "model_a": {"name": "a", "path": "x"},
             "model_b": {"name": "b", "path": "y"},
-            "hops": [{"model": "a", "layer": 0, "scale": 1.0}, {"model": "b", "layer": 1, "scale": 0.75},
-                     {"model": "a", "layer": 3, "scale": 1.25}]}
+            "hops": [{"model": m, "layer": layer, "scale": scale} for m, layer, scale in HOPS]}
+
+
+def dfs_path_recipe() -> dict:
+    """The same path written as `path` + `scales`."""
+    return {"kind": "dfs", "path": [{"model": m, "layer": layer} for m, layer, _ in HOPS],
+            "scales": [scale for _, _, scale in HOPS]}
 
 
 def scores(add: float, cipher: float, split: str = "fitness") -> dict:
@@ -55,9 +63,10 @@ def scores(add: float, cipher: float, split: str = "fitness") -> dict:
 
 
 def write_study(url: str, name: str = STUDY, *, state: str = "paused", heartbeat: float | None = None,
-                controller: dict | None = None, recipe=ps_recipe, trials: int = 6, budget: int = 10) -> None:
+                controller: dict | None = None, recipe=ps_recipe, trials: int = 6, budget: int = 10,
+                extra: dict | None = None) -> None:
     """A study as the controller leaves it: candidates with recipes and scores, baselines, state."""
-    study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    study = optuna.create_study(study_name=name, storage=open_storage(url), direction="maximize")
     dists = {"w": FloatDistribution(0.0, 2.0)}
     for k in range(trials):
         value = 0.3 + 0.05 * k
@@ -82,6 +91,7 @@ def write_study(url: str, name: str = STUDY, *, state: str = "paused", heartbeat
                                         "recipe": ps_recipe(1.0)}},
         "sampler_state": {"generation": 3},
         "test_scores": {"test:expert_add": scores(0.55, 0.04, "test"), "test:expert_cipher": scores(0.12, 0.66, "test")},
+        **(extra or {}),
     }
     for key, value in attrs.items():
         study.set_user_attr(PREFIX + key, value)
@@ -218,9 +228,10 @@ def test_study_page_shows_curve_scores_heatmap_links_and_forms(app):
     assert 'action="/evomerge/resume"' in page and 'action="/evomerge/pause"' not in page
 
 
-def test_dfs_recipe_shows_the_layer_path(tmp_path):
+@pytest.mark.parametrize("recipe", [dfs_recipe, dfs_path_recipe])
+def test_dfs_recipe_shows_the_layer_path(tmp_path, recipe):
     url = f"sqlite:///{tmp_path / 'dfs.db'}"
-    write_study(url, "dfs", recipe=dfs_recipe)
+    write_study(url, "dfs", recipe=recipe)
     app = DashboardApp(DashboardConfig(storages=[url], export_root=tmp_path / "x"), launcher=RecordingLauncher())
     page = call(app, "GET", "/evomerge/study", {"storage": 0, "name": "dfs"}).text
     path = page.split('class="path"')[1].split("</table>")[0]
@@ -257,10 +268,20 @@ def test_optuna_dashboard_is_mounted(app):
     assert [s["study_name"] for s in json.loads(r.body)["study_summaries"]] == [STUDY]
     r = call(app, "GET", "/dashboard")
     assert r.status == 200 and "text/html" in r.headers["Content-Type"] and b"/static/bundle.js" in r.body
+    assert r.headers["X-Frame-Options"] == "SAMEORIGIN"  # no clickjacking of its delete buttons either
     assert call(app, "GET", "/static/bundle.js").status == 200
     r = call(app, "GET", "/evomerge/optuna", {"storage": 0, "name": STUDY, "view": "analytics"})
     assert r.status == 302 and r.headers["Location"] == "/dashboard/studies/1/analytics"
     assert r.headers["Set-Cookie"].startswith("evomerge_optuna=0")
+
+
+def test_a_journal_storage_is_served(tmp_path):
+    url = str(tmp_path / "study.log")
+    write_study(url)
+    app = DashboardApp(DashboardConfig(storages=[url], export_root=tmp_path / "x"), launcher=RecordingLauncher())
+    assert 'data-study="toy-ps"' in call(app, "GET", "/").text
+    assert call(app, "GET", "/evomerge/study", {"storage": 0, "name": STUDY}).status == 200
+    assert json.loads(call(app, "GET", "/api/studies").body)["study_summaries"][0]["study_name"] == STUDY
 
 
 def test_optuna_dashboard_follows_the_chosen_storage(app, tmp_path):
@@ -334,6 +355,25 @@ def test_resume_of_a_running_study_is_refused(tmp_path, launcher):
     assert launcher.calls == []
     page = call(app, "GET", "/evomerge/study", {"storage": 0, "name": STUDY}).text
     assert 'action="/evomerge/pause"' in page and 'action="/evomerge/resume"' not in page
+    optuna.load_study(study_name=STUDY, storage=url).set_user_attr(PREFIX + "desired_state", "running")
+    r = post(app, "pause", app.guard.form_token)
+    assert r.status == 303 and attr(url, "desired_state") == "paused"
+    flash = r.headers["Location"].rsplit("flash=", 1)[1]
+    page = call(app, "GET", "/evomerge/study", {"storage": 0, "name": STUDY, "flash": flash}).text
+    assert "pause requested" in page and "finishes the candidates in flight" in page
+
+
+def test_resume_of_a_hybrid_stage_is_refused_while_another_stage_runs(tmp_path, launcher):
+    url = f"sqlite:///{tmp_path / 'hybrid.db'}"
+    write_study(url, "hyb.ps", state="finished", extra={"hybrid": {"study": "hyb", "stage": "ps", "config": {}}})
+    write_study(url, "hyb.dfs", state="running", heartbeat=time.time(),
+                controller={"host": socket.gethostname(), "pid": os.getpid()},
+                extra={"hybrid": {"study": "hyb", "stage": "dfs", "config": {}}})
+    app = DashboardApp(DashboardConfig(storages=[url], export_root=tmp_path / "x"), launcher=launcher)
+    page = call(app, "GET", "/evomerge/study", {"storage": 0, "name": "hyb.ps"}).text
+    assert "hybrid run</th><td>hyb, stage ps" in page
+    r = call(app, "POST", "/evomerge/resume", form={"storage": "0", "name": "hyb.ps", "token": app.guard.form_token})
+    assert r.status == 409 and "&#x27;hyb.dfs&#x27; is running" in r.text and launcher.calls == []
 
 
 def test_resume_of_a_crashed_study_takes_over(tmp_path, launcher):
@@ -467,3 +507,37 @@ def test_detached_launch_survives_in_its_own_session(tmp_path):
     proc = detached([sys.executable, "-c", "import os; print('session', os.getsid(0))"], log)
     assert proc.wait(timeout=30) == 0
     assert log.read_text().strip() == f"session {proc.pid}"  # its own session leader: no hangup with ours
+
+
+def test_default_storages_are_every_study_under_runs(tmp_path, template_db):
+    runs = tmp_path / "runs"
+    (runs / "one").mkdir(parents=True)
+    shutil.copy(template_db, runs / "one" / "study.db")
+    app = DashboardApp(DashboardConfig(runs_dir=runs, export_root=tmp_path / "x"), launcher=RecordingLauncher())
+    assert call(app, "GET", "/").text.count('class="study-row"') == 1
+    (runs / "two").mkdir()
+    shutil.copy(template_db, runs / "two" / "study.db")
+    page = call(app, "GET", "/").text
+    assert page.count('class="study-row"') == 2 and "two/study.db" in page
+    one, two = (f"sqlite:///{runs / d / 'study.db'}" for d in ("one", "two"))
+    for url in (one, two):
+        optuna.load_study(study_name=STUDY, storage=url).set_user_attr(PREFIX + "desired_state", "running")
+    assert post(app, "pause", app.guard.form_token, storage="1").status == 303  # same name, told apart by storage
+    assert attr(two, "desired_state") == "paused" and attr(one, "desired_state") == "running"
+
+
+def test_tokens_are_redacted_from_request_logs():
+    from evomerge.dashboard.security import redact
+
+    assert redact('"GET /evomerge/study?token=s3cret&name=x HTTP/1.1"') == \
+        '"GET /evomerge/study?token=[redacted]&name=x HTTP/1.1"'
+
+
+def test_a_broken_storage_does_not_hide_the_others(storage, tmp_path):
+    bad = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'study.db'}"
+    app = DashboardApp(DashboardConfig(storages=[storage, bad], export_root=tmp_path / "x"),
+                       launcher=RecordingLauncher())
+    r = call(app, "GET", "/")
+    assert r.status == 200 and 'data-study="toy-ps"' in r.text
+    assert 'class="flash error">storage #1' in r.text
+    assert call(app, "GET", "/evomerge/study", {"storage": 1, "name": STUDY}).status == 400

@@ -10,6 +10,7 @@ lm-eval tasks, with `resources.workers: 0`, so the resumed controller evaluates 
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -94,7 +95,7 @@ def dashboard(paused_study, tmp_path):
     for job in app.actions.jobs.all():
         try:
             job.process.wait(timeout=TIMEOUT)
-        except Exception:
+        except subprocess.TimeoutExpired:
             job.process.kill()
             job.process.wait()
 

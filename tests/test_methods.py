@@ -8,7 +8,9 @@ import torch
 
 from evomerge.methods import (METHODS, MergeInputs, MergeParamError, TensorCache, UnknownMethodError,
                               get_method)
-from evomerge.sparsify import magnitude_keep, mask_seed, outlier_keep, uniform_draws
+from evomerge import kernels
+from evomerge.sparsify import (L1_BLOCK, keep_threshold, l1_blocks, magnitude_keep, mask_seed, outlier_keep,
+                               random_bits, random_keep)
 
 torch.set_num_threads(1)
 NAME = "model.layers.0.mlp.down_proj.weight"
@@ -198,7 +200,7 @@ def test_cache_recomputes_after_in_place_change():
 # DARE and DELLA
 
 def dare_masks(deltas, dens, seed, name=NAME):
-    return [(uniform_draws(d, mask_seed(seed, name, k)) < p).numpy() for k, (d, p) in enumerate(zip(deltas, dens))]
+    return [random_keep(d, p, mask_seed(seed, name, k)).numpy() for k, (d, p) in enumerate(zip(deltas, dens))]
 
 
 def test_dare_ties_matches_reference():
@@ -316,3 +318,133 @@ def test_writes_into_preallocated_out(method, dtype):
     got = run(method, base, deltas, per_model, glob, out=out)
     assert got is out
     assert torch.equal(out, run(method, base, deltas, per_model, glob))
+
+
+# the random generator of DARE/DELLA masks
+
+def _mix32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_random_bits_follow_the_documented_hash():
+    seed = mask_seed(7, NAME, 1)
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    start = 2**32 - 40  # near the top of the counter range too
+    for first in (0, 1000, start):
+        expected = [_mix32(_mix32(i ^ k0) ^ k1) for i in range(first, first + 40)]
+        assert random_bits(40, seed, start=first).tolist() == expected
+    assert keep_threshold(0.5) == 2**31 and keep_threshold(1.0) == 2**32 - 1 and keep_threshold(0.0) == 0
+
+
+def test_random_masks_keep_density_and_are_independent():
+    shape = (400, 500)
+    delta = torch.ones(shape)
+    a = random_keep(delta, 0.3, mask_seed(1, NAME, 0)).float()
+    b = random_keep(delta, 0.6, mask_seed(1, NAME, 1)).float()
+    c = random_keep(delta, 0.3, mask_seed(1, "other.weight", 0)).float()
+    assert abs(a.mean().item() - 0.3) < 0.005 and abs(b.mean().item() - 0.6) < 0.005
+    assert abs((a * b).mean().item() - 0.18) < 0.005  # P(both) = 0.3 * 0.6: independent models
+    assert abs((a * c).mean().item() - 0.09) < 0.005  # and tensors
+    # neighbouring entries are independent too
+    assert abs((a.reshape(-1)[1:] * a.reshape(-1)[:-1]).mean().item() - 0.09) < 0.005
+
+
+# fused CPU kernels against the torch code (the reference): bit for bit
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler for evomerge.kernels")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
+
+
+def run_both(method, base, deltas, per_model, glob, monkeypatch, *, seed=0, out_dtype=None):
+    results = []
+    for use_kernels in (True, False):
+        with monkeypatch.context() as mp:
+            if not use_kernels:
+                mp.setattr(kernels, "supports", lambda *tensors: False)
+            out = None if out_dtype is None else torch.full(base.shape, float("nan"), dtype=out_dtype)
+            results.append(run(method, base, deltas, per_model, glob, seed=seed, out=out).clone())
+    return results
+
+
+def tied_world(n_models: int, shape, dtype, seed=0):
+    """Task vectors with few distinct magnitudes, so trimming thresholds fall inside runs of ties."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(dtype)
+    deltas = [(torch.randint(-6, 7, shape, generator=g).float() / 64).to(dtype) for _ in range(n_models)]
+    return base, deltas
+
+
+CASES = [
+    ("linear", {"weight": [0.3, 0.0, 1.2]}, {}),
+    ("linear", {"weight": [0.3, 0.7, 1.2]}, {"normalize": False}),
+    ("task_arithmetic", {"weight": [0.5, -0.4, 1.5]}, {"lambda": 0.8}),
+    ("task_arithmetic", {"weight": [0.5, 0.4, 1.5]}, {"normalize": True}),
+    ("ties", {"weight": [1.0, 0.6, 1.4], "density": [0.3, 0.5, 0.8]}, {}),
+    ("ties", {"weight": [1.0, 0.0, 1.4], "density": [0.3, 1.0, 0.05]}, {"normalize": False, "lambda": 1.3}),
+    ("dare_ties", {"weight": [1.0, 0.5, 0.8], "density": [0.4, 0.6, 0.9]}, {}),
+    ("dare_ties", {"weight": [1.0, 0.5, 0.8], "density": [0.4, 0.6, 0.9]}, {"rescale": False, "normalize": True}),
+    ("dare_linear", {"weight": [1.0, -0.5, 0.8], "density": [0.2, 0.6, 1.0]}, {"lambda": 0.7}),
+    ("breadcrumbs", {"weight": [1.0, 0.7, 0.4], "density": [0.5, 0.3, 0.9], "gamma": [0.1, 0.0, 0.05]}, {}),
+    ("breadcrumbs_ties", {"weight": [1.0, 0.7, 0.4], "density": [0.5, 0.3, 0.2], "gamma": [0.1, 0.3, 0.0]}, {}),
+    ("slerp", {}, {"t": 0.3}),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_kernels_equal_torch_bit_for_bit(case, tied, dtype, monkeypatch):
+    method, per_model, glob = case
+    n = 2 if method == "slerp" else 3
+    per_model = {k: v[:n] for k, v in per_model.items()}
+    shape = (37, 29)
+    if tied:
+        base, deltas = tied_world(n, shape, dtype)
+    else:
+        base, _, deltas = make(n, shape)
+        base, deltas = base.to(dtype), [d.to(dtype) for d in deltas]
+    for out_dtype in (None, dtype, torch.float32):
+        fast, ref = run_both(method, base, deltas, per_model, glob, monkeypatch, seed=5, out_dtype=out_dtype)
+        assert fast.dtype == ref.dtype
+        assert torch.equal(bits(fast), bits(ref)), (method, tied, dtype, out_dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "task_arithmetic", "linear"])
+def test_kernels_split_over_threads_equal_torch(method, monkeypatch):
+    """Tensors large enough to be split over threads, with tie cuts and DARE sums across the splits."""
+    case = next(c for c in CASES if c[0] == method)
+    base, deltas = tied_world(3, (1100, 300), torch.bfloat16, seed=3)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(run_both(method, base, deltas, case[1], case[2], monkeypatch, seed=9))
+    finally:
+        torch.set_num_threads(before)
+    first = bits(results[0][0])
+    assert all(torch.equal(bits(t), first) for pair in results for t in pair)
+
+
+@needs_kernels
+def test_kernel_l1_sums_equal_torch():
+    g = torch.Generator().manual_seed(0)
+    for n in (5, L1_BLOCK - 3, 3 * L1_BLOCK + 17):
+        for dtype in (torch.float32, torch.bfloat16):
+            delta = (torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 8).to(dtype)
+            dense = kernels.ModelSpec(delta=delta.data_ptr(), w=1.0, kind=kernels.KIND_DENSE)
+            assert kernels.l1_partials(dense, kernels.dtype_code(delta), n) == l1_blocks(delta.float().abs())
+            seed = mask_seed(3, NAME, 1)
+            rnd = kernels.ModelSpec(delta=delta.data_ptr(), w=1.0, kind=kernels.KIND_RANDOM,
+                                    k0=seed & 0xFFFFFFFF, k1=seed >> 32, thr=keep_threshold(0.3))
+            masked = (delta.float() * random_keep(delta, 0.3, seed)).abs()
+            assert kernels.l1_partials(rnd, kernels.dtype_code(delta), n) == l1_blocks(masked)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from evomerge.dashboard.data import StudyRef, Storages, trial_recipe
+from evomerge.dashboard.data import Storages, StudyRef, trial_recipe
 from evomerge.dashboard.security import DashboardError, inside_root
 from evomerge.status import effective_state
 from evomerge.study import run_dir_for
@@ -150,11 +150,11 @@ class Actions:
         if rec.get("config") is None:
             raise ActionRefused(f"study {ref.name!r} was not made by evomerge (no experiment snapshot); "
                                 "there is nothing to resume it with")
-        state = effective_state(rec)
-        if state == "running":
-            owner = rec.get("controller") or {}
-            raise ActionRefused(f"study {ref.name!r} is running (controller on host {owner.get('host')}, pid "
-                                f"{owner.get('pid')}); pause it first, or wait for it to finish")
+        for other, other_rec in [(ref, rec), *self._stages_beside(ref, rec)]:
+            if effective_state(other_rec) == "running":
+                owner = other_rec.get("controller") or {}
+                raise ActionRefused(f"study {other.name!r} is running (controller on host {owner.get('host')}, "
+                                    f"pid {owner.get('pid')}); pause it first, or wait for it to finish")
         starting = [j for j in self.jobs.of(ref, "resume") if j.running]
         if starting:
             raise ActionRefused(f"a controller for {ref.name!r} was started from this dashboard "
@@ -163,6 +163,20 @@ class Actions:
         command = self.resume_command(ref, takeover=rec.get("state") == "running")
         log = run_dir_for(ref.storage, ref.name) / f"resume-{stamp()}.log"
         return self.jobs.add(Job("resume", ref, command, log, self.launcher(command, log)))
+
+    def _stages_beside(self, ref: StudyRef, rec) -> list:
+        """The other stage studies of the same hybrid run: resuming one stage resumes the run."""
+        run = (rec.get("hybrid") or {}).get("study")
+        if run is None:
+            return []
+        out = []
+        for name in self.storages.names(ref.index):
+            if name != ref.name and name.startswith(run + "."):
+                other = self.storages.ref(ref.index, name)
+                other_rec = self.storages.record(other)
+                if (other_rec.get("hybrid") or {}).get("study") == run:
+                    out.append((other, other_rec))
+        return out
 
     def export_dir(self, ref: StudyRef, trial: int, subdir: str | None) -> Path:
         return inside_root(self.export_root, subdir or f"{safe_name(ref.name)}/trial-{trial}")

@@ -18,7 +18,7 @@ import yaml
 
 from evomerge.dashboard import pages
 from evomerge.dashboard.actions import ActionRefused, Actions, Launcher, detached, exports_of
-from evomerge.dashboard.data import NotFound, StudyRef, Storages, list_rows, study_page, trial_recipe
+from evomerge.dashboard.data import NotFound, Storages, StudyRef, list_rows, study_page, trial_recipe
 from evomerge.dashboard.security import AUTH_COOKIE, Guard, PathRefused, inside_root
 from evomerge.dashboard.web import BadRequest, Flash, Request, Response, download, error, html, redirect
 from evomerge.status import discover_storages
@@ -209,7 +209,13 @@ class DashboardApp:
             index = 0
         if not self.storages.urls:
             return error(404, "no storage to show; start the dashboard with --storage URL")(start_response)
-        return self.optuna_app(index)(environ, start_response)
+
+        def framed_by_self_only(status, headers, exc_info=None):
+            if not any(k.lower() == "x-frame-options" for k, _ in headers):
+                headers = [*headers, ("X-Frame-Options", "SAMEORIGIN")]
+            return start_response(status, headers, exc_info)
+
+        return self.optuna_app(index)(environ, framed_by_self_only)
 
     def optuna_app(self, index: int) -> Callable:
         with self._lock:

@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.status import StudyStatus, study_status
-from evomerge.study import StudyError, StudyRecord, open_storage
+from evomerge.study import StudyRecord, open_storage
 
 
 class NotFound(LookupError):
@@ -71,6 +71,7 @@ class StudyPage:
     row: StudyRow
     desired_state: str | None
     controller: dict
+    hybrid: dict | None
     points: list[TrialPoint]
     best: TrialPoint | None
     best_recipe: dict | None
@@ -142,7 +143,7 @@ def list_rows(storages: Storages) -> tuple[list[StudyRow], list[StorageError]]:
     for index, url in enumerate(storages.urls):
         try:
             rows += [study_row(storages, StudyRef(index, url, name)) for name in storages.names(index)]
-        except (StudyError, NotFound, optuna.exceptions.OptunaError, OSError, ValueError) as exc:
+        except Exception as exc:
             errors.append(StorageError(index, url, str(exc)))
     return rows, errors
 
@@ -211,6 +212,7 @@ def study_page(storages: Storages, ref: StudyRef) -> StudyPage:
         row=study_row(storages, ref, rec),
         desired_state=rec.get("desired_state"),
         controller=rec.get("controller") or {},
+        hybrid={k: v for k, v in (rec.get("hybrid") or {}).items() if k != "config"} or None,
         points=[TrialPoint(t.number, t.value if t.state == TrialState.COMPLETE else None)
                 for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)],
         best=TrialPoint(best.number, best.value) if best else None,

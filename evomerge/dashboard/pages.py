@@ -168,6 +168,13 @@ def _exports(exports: list[ExportDir]) -> str:
     return f"<ul>{''.join(items)}</ul>"
 
 
+def _hybrid_row(hybrid: dict | None) -> str:
+    if not hybrid:
+        return ""
+    return (f"<tr><th>hybrid run</th><td>{e(hybrid.get('study'))}, stage {e(hybrid.get('stage'))} "
+            "<small class='muted'>(Resume continues the whole run)</small></td></tr>")
+
+
 def study_html(page: StudyPage, token: str, exports: list[ExportDir], jobs: list[Job]) -> str:
     row, s = page.row, page.row.status
     ref = row.ref
@@ -186,6 +193,7 @@ def study_html(page: StudyPage, token: str, exports: list[ExportDir], jobs: list
              f"<tr><th>started</th><td>{when(row.started)}</td></tr>"
              f"<tr><th>last heartbeat</th><td>{ago(row.heartbeat)}</td></tr>"
              f"<tr><th>controller</th><td>{e(owner.get('host', '-'))} pid {e(owner.get('pid', '-'))}</td></tr>"
+             f"{_hybrid_row(page.hybrid)}"
              f"<tr><th>storage</th><td><code>{e(ref.storage)}</code></td></tr></table>")
     recipe_link = ""
     if page.best is not None:

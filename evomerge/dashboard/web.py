@@ -6,7 +6,7 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import parse_qs
@@ -40,13 +40,13 @@ class Request:
     cookies: dict[str, str]
 
     @classmethod
-    def of(cls, environ: dict) -> "Request":
+    def of(cls, environ: dict) -> Request:
         query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).items()}
         jar = SimpleCookie()
         try:
             jar.load(environ.get("HTTP_COOKIE", ""))
-        except Exception:  # a malformed cookie from another app on localhost is no reason to fail
-            pass
+        except CookieError:  # a malformed cookie set by another app on localhost is no reason to fail
+            jar = SimpleCookie()
         return cls(environ, environ.get("REQUEST_METHOD", "GET").upper(), environ.get("PATH_INFO", "/") or "/",
                    query, {k: m.value for k, m in jar.items()})
 
@@ -99,13 +99,19 @@ def attachment_name(name: str) -> str:
 def download(data: bytes | Path, name: str) -> Response:
     """Always an attachment of opaque type: an exported file must never render as a page here."""
     if isinstance(data, Path):
-        fh = open(data, "rb")
-        body, size = iter(lambda: fh.read(65536), b""), data.stat().st_size
+        body, size = _chunks(data), data.stat().st_size
     else:
         body, size = data, len(data)
     return Response(200, body, [
         ("Content-Type", "application/octet-stream"), ("Content-Length", str(size)),
         ("Content-Disposition", f'attachment; filename="{attachment_name(name)}"'), *PAGE_HEADERS])
+
+
+def _chunks(path: Path) -> Iterable[bytes]:
+    """The file in pieces, closed when the server finishes or abandons the response."""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(65536):
+            yield chunk
 
 
 class Flash:
