@@ -116,6 +116,9 @@ class ResourcesConfig(_Strict):
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     torch_threads: int | None = None
+    placement: Literal["auto", "device", "host"] = Field(
+        "auto", description="where base and task vectors live: on the worker's device, in host memory "
+                            "streamed per tensor, or auto (the device when they fit)")
     shards_per_candidate: int | None = Field(
         None, ge=1, description="split each candidate's evaluation into this many sample shards that any "
                                 "worker can take (default: one per worker; 1 disables sharding)")

@@ -21,7 +21,7 @@ def build_output_model(sources: SourceSet, *, trust_remote_code: bool = False) -
     model = AutoModelForCausalLM.from_pretrained(
         str(sources.base.path), dtype=sources.dtype, trust_remote_code=trust_remote_code
     )
-    model.to(sources.device)
+    model.to(sources.compute_device or sources.device)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -63,14 +63,20 @@ class Materializer:
         n_layers = self.sources.num_layers
         for name, param in self.params.items():
             per_model, glob = recipe.values_for(group_of(recipe.granularity, name, n_layers))
-            inputs = MergeInputs(
-                name=name, base=self.sources.base_weights[name], deltas=self.sources.deltas[name],
-                cache=self.caches[name], seed=recipe.seed, out=param.data,
-            )
+            base, deltas = self._inputs(name, param.device)
+            inputs = MergeInputs(name=name, base=base, deltas=deltas, cache=self.caches[name],
+                                 seed=recipe.seed, out=param.data)
             merged = method.fn(inputs, per_model, {**recipe.options, **glob})
             if merged.data_ptr() != param.data.data_ptr():
                 param.data.copy_(merged)
         return self.model
+
+    def _inputs(self, name: str, device: torch.device):
+        """The tensor's base and task vectors on the merge device: resident, or streamed from host."""
+        base, deltas = self.sources.base_weights[name], self.sources.deltas[name]
+        if not self.sources.streamed:
+            return base, deltas
+        return (base.to(device, non_blocking=True), [d.to(device, non_blocking=True) for d in deltas])
 
     @torch.no_grad()
     def load_source(self, name: str) -> PreTrainedModel:
@@ -86,7 +92,7 @@ class Materializer:
             name = self.sources.base.ref.name
         if name not in infos:
             raise RecipeError(f"unknown source {name!r}; sources are {self.sources.names}")
-        weights = load_tensors(infos[name].files, self.sources.dtype, self.sources.device)
+        weights = load_tensors(infos[name].files, self.sources.dtype, self.sources.compute_device or self.sources.device)
         for pname, param in self.params.items():
             param.data.copy_(weights[pname])
         return self.model

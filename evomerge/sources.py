@@ -8,6 +8,7 @@ every merge method in `methods` is expressed on those and nothing is reloaded pe
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,11 @@ class SourceSet:
     device: torch.device
     has_base: bool = True
     extra: dict = field(default_factory=dict)
+    compute_device: torch.device | None = None  # where merges run; differs from `device` when streamed
+
+    @property
+    def streamed(self) -> bool:
+        return self.compute_device is not None and self.compute_device != self.device
 
     @property
     def names(self) -> list[str]:
@@ -194,8 +200,14 @@ def open_sources(
     dtype: str = "float32",
     device: str = "cpu",
     allow_pickle: bool = False,
+    placement: str = "auto",
 ) -> SourceSet:
-    """Inspect, check and load every source once; task vectors are computed here, not per merge."""
+    """Inspect, check and load every source once; task vectors are computed here, not per merge.
+
+    placement: "device" keeps base and task vectors on `device`; "host" keeps them in (pinned)
+    CPU memory and streams each tensor to `device` when a candidate is merged; "auto" picks
+    "device" when they fit in the device's free memory.
+    """
     if dtype not in DTYPES:
         raise SourceError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
     if not sources:
@@ -207,7 +219,9 @@ def open_sources(
     base_info = inspect(base, allow_pickle=allow_pickle) if base else infos[0]
     everyone = {i.ref.name: i for i in [base_info, *infos]}
     check_compatible({n: i.config for n, i in everyone.items()}, {n: i.shapes for n, i in everyone.items()})
-    torch_dtype, dev = DTYPES[dtype], torch.device(device)
+    torch_dtype, compute = DTYPES[dtype], torch.device(device)
+    resident = sum(math.prod(shape) for shape in base_info.shapes.values()) * (1 + len(infos))
+    dev, pin = choose_placement(compute, resident * torch.finfo(torch_dtype).bits // 8, placement)
     base_weights = load_tensors(base_info.files, torch_dtype, dev)
     deltas: dict[str, list[torch.Tensor]] = {k: [] for k in base_weights}
     for info in infos:
@@ -215,4 +229,25 @@ def open_sources(
         for k, b in base_weights.items():
             deltas[k].append(weights[k] - b)
         del weights
-    return SourceSet(base_info, infos, base_weights, deltas, torch_dtype, dev, has_base=base is not None)
+    if pin:
+        base_weights = {k: v.pin_memory() for k, v in base_weights.items()}
+        deltas = {k: [d.pin_memory() for d in ds] for k, ds in deltas.items()}
+    return SourceSet(base_info, infos, base_weights, deltas, torch_dtype, dev, has_base=base is not None,
+                     compute_device=compute)
+
+
+PLACEMENTS = ("auto", "device", "host")
+
+
+def choose_placement(compute: torch.device, resident_bytes: int, placement: str) -> tuple[torch.device, bool]:
+    """Where the resident weights live, and whether to pin them (host memory feeding a GPU)."""
+    if placement not in PLACEMENTS:
+        raise SourceError(f"placement {placement!r} is unknown; use one of {PLACEMENTS}")
+    if compute.type == "cpu" or placement == "device":
+        return compute, False
+    if placement == "auto":
+        free, _total = torch.cuda.mem_get_info(compute)
+        # Leave room for the output model (one more copy) and evaluation activations.
+        if resident_bytes * 1.5 <= free:
+            return compute, False
+    return torch.device("cpu"), torch.cuda.is_available()

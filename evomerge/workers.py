@@ -121,7 +121,7 @@ def make_materializer(cfg):
                                 allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
         return mat, mat.base_path
     sources = open_sources(cfg.source_refs(), cfg.base_ref(), dtype=r.dtype, device=device,
-                           allow_pickle=cfg.allow_pickle)
+                           allow_pickle=cfg.allow_pickle, placement=r.placement)
     return Materializer(sources, trust_remote_code=cfg.trust_remote_code), sources.base.path
 
 

@@ -190,3 +190,38 @@ def test_method_needing_base_without_base(tiny_world):
     with pytest.raises(RecipeError, match="needs a base"):
         mat.apply(space.default_recipe())
     assert json.dumps(space.default_recipe().to_dict())
+
+
+def test_host_placement_streams_to_the_merge_device(tiny_world, monkeypatch):
+    """The CUDA code path (sources in host memory, merged on the device) run with a fake device."""
+    from evomerge import sources as src
+
+    monkeypatch.setattr(src, "choose_placement", lambda compute, nbytes, placement: (torch.device("cpu"), False))
+    streamed = open_sources([SourceRef("a", str(tiny_world["a"])), SourceRef("b", str(tiny_world["b"]))],
+                            SourceRef("base", str(tiny_world["base"])), placement="host")
+    streamed.compute_device = torch.device("meta")  # any device that differs from the host
+    mat = Materializer.__new__(Materializer)
+    mat.sources = streamed
+    base, deltas = mat._inputs("model.norm.weight", torch.device("meta"))
+    assert base.device.type == "meta" and all(d.device.type == "meta" for d in deltas)
+
+
+def test_choose_placement():
+    from evomerge.sources import choose_placement
+
+    assert choose_placement(torch.device("cpu"), 10**12, "auto") == (torch.device("cpu"), False)
+    assert choose_placement(torch.device("cuda", 0), 10**12, "device") == (torch.device("cuda", 0), False)
+    dev, _pin = choose_placement(torch.device("cuda", 0), 10**12, "host")
+    assert dev.type == "cpu"
+    with pytest.raises(SourceError, match="placement"):
+        choose_placement(torch.device("cpu"), 1, "gpu")
+
+
+def test_cuda_device_without_cuda_is_a_clear_error():
+    from evomerge.workers import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="gpus_per_worker"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == "cpu"
