@@ -270,6 +270,23 @@ int64_t em_count_eq(const void *delta, int dt, int64_t start, int64_t end, float
     return count;
 }
 
+/* Flat index of the nth (0-based) entry of [start, end) with |delta| == v, counted from the end,
+   or -1. */
+int64_t em_nth_eq_rev(const void *delta, int dt, int64_t start, int64_t end, float v, int64_t nth) {
+    float dbuf[SUB];
+    for (int64_t i1 = end; i1 > start; i1 -= SUB) {
+        const int n = (int)((i1 - start) < SUB ? (i1 - start) : SUB);
+        const int64_t i0 = i1 - n;
+        const float *d = load(delta, dt, i0, n, dbuf);
+        int c = 0;
+        for (int j = 0; j < n; j++) c += fabsf(d[j]) == v;
+        if (nth >= c) { nth -= c; continue; }
+        for (int j = n - 1; j >= 0; j--)
+            if (fabsf(d[j]) == v && nth-- == 0) return i0 + j;
+    }
+    return -1;
+}
+
 /* Flat index of the nth (0-based) entry of [start, end) with |delta| == v, or -1. */
 int64_t em_nth_eq(const void *delta, int dt, int64_t start, int64_t end, float v, int64_t nth) {
     float dbuf[SUB];
@@ -368,12 +385,13 @@ def _build() -> ctypes.CDLL | None:
     lib.em_l1.argtypes = [ctypes.POINTER(ModelSpec), ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                           ctypes.POINTER(ctypes.c_double)]
     lib.em_l1.restype = None
-    for name in ("em_count_eq", "em_nth_eq"):
+    for name in ("em_count_eq", "em_nth_eq", "em_nth_eq_rev"):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int64
     lib.em_count_eq.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
-    lib.em_nth_eq.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
-                              ctypes.c_int64]
+    for name in ("em_nth_eq", "em_nth_eq_rev"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_float, ctypes.c_int64]
     return lib
 
 
@@ -480,18 +498,13 @@ def l1_partials(model: ModelSpec, dtype: int, numel: int) -> list[float]:
     return list(out)[:nblocks]
 
 
-def nth_equal(delta: torch.Tensor, value: float, nth: int) -> int:
-    """Flat index of the nth (0-based) entry with |delta| == value, or -1 when there are fewer."""
+def nth_equal(delta: torch.Tensor, value: float, nth: int, count: int | None = None) -> int:
+    """Flat index of the nth (0-based) entry with |delta| == value, or -1 when there are fewer.
+    With `count` (how many there are), the scan starts from the nearer end: tied entries are spread
+    over the tensor, so that reads about a quarter of it on average."""
     lib = library()
     assert lib is not None
     ptr, dt, numel = delta.data_ptr(), dtype_code(delta), delta.numel()
-    ranges = split(numel)
-    counts = run_ranges(lambda a, b: lib.em_count_eq(ptr, dt, a, b, value), ranges) if len(ranges) > 1 else None
-    if counts is None:
-        return int(lib.em_nth_eq(ptr, dt, 0, numel, value, nth))
-    seen = 0
-    for (a, b), c in zip(ranges, counts):
-        if nth < seen + c:
-            return int(lib.em_nth_eq(ptr, dt, a, b, value, nth - seen))
-        seen += c
-    return -1
+    if count is not None and 0 <= nth < count and nth >= count // 2:
+        return int(lib.em_nth_eq_rev(ptr, dt, 0, numel, value, count - 1 - nth))
+    return int(lib.em_nth_eq(ptr, dt, 0, numel, value, nth))

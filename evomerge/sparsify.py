@@ -254,11 +254,12 @@ class DellaMask:
 
 
 Mask = RangeMask | RandomMask | DellaMask
-NthEqual = Callable[[torch.Tensor, float, int], int]
+NthEqual = Callable[[torch.Tensor, float, int, int], int]
 
 
-def torch_nth_equal(delta: torch.Tensor, value: float, nth: int) -> int:
-    """Flat index of the nth (0-based) entry with |delta| == value (it must exist)."""
+def torch_nth_equal(delta: torch.Tensor, value: float, nth: int, count: int | None = None) -> int:
+    """Flat index of the nth (0-based) entry with |delta| == value (it must exist; `count`, the
+    number of such entries, is a hint the torch version does not need)."""
     tied = torch.nonzero((delta.abs() == value).reshape(-1)).squeeze(1)
     return int(tied[nth])
 
@@ -266,7 +267,7 @@ def torch_nth_equal(delta: torch.Tensor, value: float, nth: int) -> int:
 def _search(sorted_abs: torch.Tensor, keys: np.ndarray | None, v: torch.Tensor) -> tuple[int, int]:
     """[first, last): the positions holding the value v (a 0-d tensor of sorted_abs's dtype)."""
     if keys is not None:
-        key = v.view(_INT_VIEW[v.dtype]).item()
+        key = v.view(_INT_VIEW[v.dtype]).numpy()  # a 0-d array of the keys' dtype: no cast of `keys`
         return int(np.searchsorted(keys, key, "left")), int(np.searchsorted(keys, key, "right"))
     return (int(torch.searchsorted(sorted_abs, v, side="left")),
             int(torch.searchsorted(sorted_abs, v, side="right")))
@@ -287,7 +288,7 @@ def range_mask(delta: torch.Tensor, sorted_abs: torch.Tensor, lo: int, hi: int,
             continue
         first, last = _search(sorted_abs, keys, t)
         wanted = max(0, min(last, hi) - max(first, lo))
-        cuts[v] = nth_equal(delta, v, wanted) if wanted < last - first else n
+        cuts[v] = nth_equal(delta, v, wanted, last - first) if wanted < last - first else n
     return RangeMask(low_v, high_v, lo > 0, hi < n, cuts.get(low_v, n), cuts.get(high_v, n))
 
 

@@ -448,3 +448,14 @@ def test_kernel_l1_sums_equal_torch():
                                     k0=seed & 0xFFFFFFFF, k1=seed >> 32, thr=keep_threshold(0.3))
             masked = (delta.float() * random_keep(delta, 0.3, seed)).abs()
             assert kernels.l1_partials(rnd, kernels.dtype_code(delta), n) == l1_blocks(masked)
+
+
+@needs_kernels
+def test_kernel_nth_equal_from_either_end():
+    delta = (torch.randint(-3, 4, (5000,), generator=torch.Generator().manual_seed(1)).float() / 4).bfloat16()
+    for value in (0.25, 0.75):
+        tied = torch.nonzero(delta.abs() == value).squeeze(1).tolist()
+        for nth in (0, 1, len(tied) // 2 - 1, len(tied) // 2, len(tied) - 2, len(tied) - 1):
+            assert kernels.nth_equal(delta, value, nth, len(tied)) == tied[nth]
+            assert kernels.nth_equal(delta, value, nth) == tied[nth]
+    assert kernels.nth_equal(delta, 0.375, 0) == -1
