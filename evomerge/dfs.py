@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from optuna.distributions import FloatDistribution
 
-from evomerge.space import Dim, SpaceError
+from evomerge.space import Dim, DimVector, SpaceError
 from evomerge.sources import SourceRef
 
 DFS_RECIPE_VERSION = 1
@@ -119,16 +118,11 @@ class DFSRecipe:
 
 
 def _ref_dict(ref: SourceRef) -> dict:
-    out = {"name": ref.name, "path": ref.path}
-    if ref.revision:
-        out["revision"] = ref.revision
-    return out
+    return ref.to_dict()
 
 
 def _ref(d: Any, where: str) -> SourceRef:
-    if not isinstance(d, dict) or "name" not in d or "path" not in d:
-        raise DFSRecipeError(f"{where} must be a mapping with 'name' and 'path', got {d!r}")
-    return SourceRef(str(d["name"]), str(d["path"]), d.get("revision"))
+    return SourceRef.from_dict(d, where, DFSRecipeError)
 
 
 @dataclass
@@ -164,7 +158,7 @@ class Slot:
 
 
 @dataclass
-class DFSSpace:
+class DFSSpace(DimVector):
     """Optuna parameters <-> DFSRecipe; the same duck-typed interface as `evomerge.space.PSSpace`.
 
     Parameter keys: `I/r0/A/3` (indicator of slot r0/A/3); per_hop `s/r0/A/3` (log2 of the scale
@@ -243,18 +237,6 @@ class DFSSpace:
     @staticmethod
     def _starts_on(slot: Slot) -> bool:
         return slot.rep == 0 and slot.side == "A"
-
-    def distributions(self) -> dict[str, FloatDistribution]:
-        return {d.key: FloatDistribution(d.low, d.high) for d in self.dims}
-
-    def init_params(self) -> dict[str, float]:
-        return {d.key: d.init for d in self.dims}
-
-    def to_unit(self, params: dict[str, float]) -> np.ndarray:
-        return np.array([d.to_unit(params[d.key]) for d in self.dims])
-
-    def from_unit(self, x: np.ndarray) -> dict[str, float]:
-        return {d.key: d.from_unit(u) for d, u in zip(self.dims, x)}
 
     def kept_slots(self, params: dict[str, float]) -> list[Slot]:
         """The slots the path visits, in slot order, after repair to [min_len, max_len]."""

@@ -87,16 +87,11 @@ class PSRecipe:
 
 
 def _ref_dict(ref: SourceRef) -> dict:
-    d = {"name": ref.name, "path": ref.path}
-    if ref.revision:
-        d["revision"] = ref.revision
-    return d
+    return ref.to_dict()
 
 
 def _ref(d: Any, where: str) -> SourceRef:
-    if not isinstance(d, dict) or "name" not in d or "path" not in d:
-        raise RecipeError(f"{where} must be a mapping with 'name' and 'path', got {d!r}")
-    return SourceRef(str(d["name"]), str(d["path"]), d.get("revision"))
+    return SourceRef.from_dict(d, where, RecipeError)
 
 
 def recipe_from_dict(d: dict):

@@ -36,6 +36,18 @@ class SourceRef:
     path: str
     revision: str | None = None
 
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "path": self.path}
+        if self.revision:
+            out["revision"] = self.revision
+        return out
+
+    @classmethod
+    def from_dict(cls, d: object, where: str, error: type[Exception] = ValueError) -> "SourceRef":
+        if not isinstance(d, dict) or "name" not in d or "path" not in d:
+            raise error(f"{where} must be a mapping with 'name' and 'path', got {d!r}")
+        return cls(str(d["name"]), str(d["path"]), d.get("revision"))
+
 
 def resolve_path(ref: SourceRef, *, allow_pickle: bool = False) -> Path:
     """A local directory for `ref`; hub ids are downloaded only when the hub is reachable."""

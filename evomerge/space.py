@@ -49,7 +49,25 @@ class ParamRange:
     init: float | None = None
 
 
-class PSSpace:
+class DimVector:
+    """What every search space offers the samplers, given its `dims`."""
+
+    dims: list[Dim]
+
+    def distributions(self) -> dict[str, FloatDistribution]:
+        return {d.key: FloatDistribution(d.low, d.high) for d in self.dims}
+
+    def init_params(self) -> dict[str, float]:
+        return {d.key: d.init for d in self.dims}
+
+    def to_unit(self, params: dict[str, float]) -> np.ndarray:
+        return np.array([d.to_unit(params[d.key]) for d in self.dims])
+
+    def from_unit(self, x: np.ndarray) -> dict[str, float]:
+        return {d.key: d.from_unit(u) for d, u in zip(self.dims, x)}
+
+
+class PSSpace(DimVector):
     """Parameter space: one method; the listed parameters evolve per model (or globally) per group."""
 
     kind = "ps"
@@ -103,18 +121,6 @@ class PSSpace:
         if not dims:
             raise SpaceError("the search space has no evolvable parameter")
         return dims
-
-    def distributions(self) -> dict[str, FloatDistribution]:
-        return {d.key: FloatDistribution(d.low, d.high) for d in self.dims}
-
-    def init_params(self) -> dict[str, float]:
-        return {d.key: d.init for d in self.dims}
-
-    def to_unit(self, params: dict[str, float]) -> np.ndarray:
-        return np.array([d.to_unit(params[d.key]) for d in self.dims])
-
-    def from_unit(self, x: np.ndarray) -> dict[str, float]:
-        return {d.key: d.from_unit(u) for d, u in zip(self.dims, x)}
 
     def decode(self, params: dict[str, float]) -> PSRecipe:
         names = [s.name for s in self.sources]
