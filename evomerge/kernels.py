@@ -56,6 +56,7 @@ enum { K_DENSE = 0, K_RANGE = 1, K_RANDOM = 2 };
 
 typedef struct {
     const void *delta;
+    const uint8_t *mask;  /* random kinds: keep bytes written by em_l1, or NULL to draw again */
     float w, scale, lo_v, hi_v;
     int64_t lo_cut, hi_cut;
     int32_t kind, has_scale, has_lo, has_hi;
@@ -89,7 +90,7 @@ static inline uint32_t mix32(uint32_t x) {
     return x;
 }
 
-static inline uint32_t draw(uint32_t k0, uint32_t k1, uint32_t i) { return mix32(mix32(i ^ k0) ^ k1); }
+static inline uint32_t draw(uint32_t k0, uint32_t k1, uint32_t i) { return mix32((i ^ k0) * (k1 | 1u)); }
 
 static const float *load(const void *src, int dt, int64_t off, int n, float *buf) {
     if (dt == DT_F32) return (const float *)src + off;
@@ -146,6 +147,9 @@ static void keep_mask(const model_t *m, const float *d, int64_t i0, int n, float
             int ok_hi = (!has_hi) | (a < hi) | ((a == hi) & (j < hc));
             keep[j] = (float)(ok_lo & ok_hi);
         }
+    } else if (m->mask) {
+        const uint8_t *mk = m->mask + i0;
+        for (int j = 0; j < n; j++) keep[j] = (float)mk[j];
     } else {
         const uint32_t k0 = m->k0, k1 = m->k1, thr = m->thr, b = (uint32_t)i0;
         for (int j = 0; j < n; j++) keep[j] = (float)(draw(k0, k1, b + (uint32_t)j) < thr);
@@ -232,8 +236,9 @@ void em_merge(const job_t *job, const model_t *models, int64_t start, int64_t en
 
 /* Sum of |delta * keep| per L1_BLOCK-entry block of [start, end) (start on the block grid):
    8 float64 lanes, lane l taking entries j = l (mod 8) of the block in order, combined as
-   ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)). A dense model (kind 0) sums |delta|. */
-void em_l1(const model_t *m, int dt, int64_t start, int64_t end, double *partials) {
+   ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)). A dense model (kind 0) sums |delta|. With mask_out, the
+   keep bytes of a random mask are written there (indexed by entry), for em_merge to reuse. */
+void em_l1(const model_t *m, int dt, int64_t start, int64_t end, double *partials, uint8_t *mask_out) {
     float dbuf[SUB], keep[SUB], v[SUB];
     for (int64_t b0 = start; b0 < end; b0 += L1_BLOCK) {
         const int64_t b1 = (end - b0) < L1_BLOCK ? end : b0 + L1_BLOCK;
@@ -246,6 +251,7 @@ void em_l1(const model_t *m, int dt, int64_t start, int64_t end, double *partial
             } else {
                 keep_mask(m, d, i0, n, keep);
                 for (int j = 0; j < n; j++) v[j] = fabsf(d[j] * keep[j]);
+                if (mask_out) for (int j = 0; j < n; j++) mask_out[i0 + j] = (uint8_t)keep[j];
             }
             int j = 0;
             for (; j + 8 <= n; j += 8)
@@ -308,7 +314,7 @@ _FLAGS = ["-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-ffp-contra
 
 
 class ModelSpec(ctypes.Structure):
-    _fields_ = [("delta", ctypes.c_void_p), ("w", ctypes.c_float), ("scale", ctypes.c_float),
+    _fields_ = [("delta", ctypes.c_void_p), ("mask", ctypes.c_void_p), ("w", ctypes.c_float), ("scale", ctypes.c_float),
                 ("lo_v", ctypes.c_float), ("hi_v", ctypes.c_float), ("lo_cut", ctypes.c_int64),
                 ("hi_cut", ctypes.c_int64), ("kind", ctypes.c_int32), ("has_scale", ctypes.c_int32),
                 ("has_lo", ctypes.c_int32), ("has_hi", ctypes.c_int32), ("k0", ctypes.c_uint32),
@@ -326,6 +332,7 @@ class JobSpec(ctypes.Structure):
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_has_f16 = False
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
@@ -383,7 +390,7 @@ def _build() -> ctypes.CDLL | None:
     lib.em_merge.argtypes = [ctypes.POINTER(JobSpec), ctypes.POINTER(ModelSpec), ctypes.c_int64, ctypes.c_int64]
     lib.em_merge.restype = None
     lib.em_l1.argtypes = [ctypes.POINTER(ModelSpec), ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                          ctypes.POINTER(ctypes.c_double)]
+                          ctypes.POINTER(ctypes.c_double), ctypes.c_void_p]
     lib.em_l1.restype = None
     for name in ("em_count_eq", "em_nth_eq", "em_nth_eq_rev"):
         fn = getattr(lib, name)
@@ -396,19 +403,23 @@ def _build() -> ctypes.CDLL | None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first call; None when disabled or unavailable."""
-    global _lib, _tried
-    if os.environ.get("EVOMERGE_KERNELS", "1").lower() in ("0", "false", "no", "off"):
-        return None
-    if not _tried:
-        with _lock:
-            if not _tried:
+    """The compiled kernels, built on first call; None when disabled (EVOMERGE_KERNELS=0, read
+    at that first call) or unavailable."""
+    global _lib, _tried, _has_f16
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            if os.environ.get("EVOMERGE_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+                _lib = None
+            else:
                 try:
                     _lib = _build()
                 except Exception as exc:  # a broken toolchain must not break merging
                     log.warning("evomerge kernels unavailable (%s); merging with torch operations", exc)
                     _lib = None
-                _tried = True
+            _has_f16 = bool(_lib is not None and _lib.em_has_f16())
+            _tried = True
     return _lib
 
 
@@ -416,19 +427,21 @@ def available() -> bool:
     return library() is not None
 
 
+_CPU = torch.device("cpu")
+
+
 def supports(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels can take these tensors (CPU, contiguous, float32/bfloat16/float16)."""
-    lib = library()
-    if lib is None:
+    if library() is None:
         return False
+    grad = torch.is_grad_enabled()
     for t in tensors:
         if t is None:
             continue
-        if t.device.type != "cpu" or t.dtype not in DTYPES or not t.is_contiguous() or t.numel() >= 1 << 32:
+        dt = t.dtype
+        if t.device != _CPU or dt not in DTYPES or not t.is_contiguous() or t.numel() >= 1 << 32:
             return False
-        if t.dtype == torch.float16 and not lib.em_has_f16():
-            return False
-        if t.requires_grad and torch.is_grad_enabled():
+        if (dt == torch.float16 and not _has_f16) or (grad and t.requires_grad):
             return False
     return True
 
@@ -481,21 +494,37 @@ def merge(job: JobSpec, models: Sequence[ModelSpec], numel: int, keepalive: Sequ
     del keepalive
 
 
-def l1_partials(model: ModelSpec, dtype: int, numel: int) -> list[float]:
-    """Per-L1_BLOCK sums of |delta * keep| (see em_l1), in block order."""
+def l1_partials(model: ModelSpec, dtype: int, numel: int, mask_out: torch.Tensor | None = None) -> list[float]:
+    """Per-L1_BLOCK sums of |delta * keep| (see em_l1), in block order; with `mask_out` (uint8,
+    numel entries) a random mask's keep bytes are stored there too."""
     lib = library()
     assert lib is not None
     nblocks = -(-numel // L1_BLOCK)
     out = (ctypes.c_double * max(1, nblocks))()
     base = ctypes.addressof(out)
     size = ctypes.sizeof(ctypes.c_double)
+    mask_ptr = None if mask_out is None else mask_out.data_ptr()
 
     def part(a: int, b: int) -> None:
         ptr = ctypes.cast(base + (a // L1_BLOCK) * size, ctypes.POINTER(ctypes.c_double))
-        lib.em_l1(ctypes.byref(model), dtype, a, b, ptr)
+        lib.em_l1(ctypes.byref(model), dtype, a, b, ptr, mask_ptr)
 
     run_ranges(part, split(numel))
     return list(out)[:nblocks]
+
+
+_scratch = threading.local()
+
+
+def mask_buffer(slot: int, numel: int) -> torch.Tensor:
+    """A reusable uint8 buffer of at least `numel` entries for model slot `slot`, per thread."""
+    bufs = getattr(_scratch, "masks", None)
+    if bufs is None:
+        bufs = _scratch.masks = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[slot] = torch.empty(max(numel, 1 << 16), dtype=torch.uint8)
+    return buf
 
 
 def nth_equal(delta: torch.Tensor, value: float, nth: int, count: int | None = None) -> int:

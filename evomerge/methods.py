@@ -16,6 +16,7 @@ once per recipe, not once per tensor.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, Union
 
@@ -190,6 +191,16 @@ def _source(inputs: MergeInputs, k: int, scratch: torch.Tensor) -> torch.Tensor:
     return scratch.add_(inputs.deltas[k])
 
 
+@functools.lru_cache(maxsize=4096)
+def _weights(values: tuple[float, ...], normalize: bool) -> tuple[torch.Tensor, tuple[float, ...], float | None]:
+    """The weights as mergekit holds them (a float32 tensor, and its values as Python floats), and
+    the divisor of a normalized plain sum: sum_k w_k in float32, None when not normalizing or when
+    it is near zero. Many tensors share one layer group's weights, hence the cache."""
+    weights = torch.tensor(values, dtype=torch.float32)  # mergekit rounds weights to the dtype
+    total = weights.sum()
+    return weights, tuple(weights.tolist()), float(total) if normalize and total.abs() >= 1e-8 else None
+
+
 # -- fused CPU kernels (evomerge.kernels): the same arithmetic in one pass ---------------------
 
 def _use_kernels(inputs: MergeInputs) -> bool:
@@ -258,10 +269,8 @@ def linear(inputs: MergeInputs, per_model: PerModel, global_: Globals) -> torch.
     """sum_k w_k theta_k (/ sum_k w_k): products rounded, then added in source order from zero, as
     mergekit's (weights * tensors).sum(dim=0); zero weights are skipped."""
     v = _resolve(METHODS["linear"], per_model, global_, len(inputs.deltas))
-    weights = torch.tensor(v["weight"], dtype=torch.float32)
-    total = weights.sum()
-    divisor = float(total) if v["normalize"] and total.abs() >= 1e-8 else None
-    return _full_models(inputs, weights.tolist(), skip_zero=True, first_init=False, divisor=divisor)
+    _, w, divisor = _weights(tuple(v["weight"]), bool(v["normalize"]))  # type: ignore[arg-type]
+    return _full_models(inputs, w, skip_zero=True, first_init=False, divisor=divisor)
 
 
 def slerp(inputs: MergeInputs, per_model: PerModel, global_: Globals) -> torch.Tensor:
@@ -303,8 +312,13 @@ class _Sparsifier:
             return _model_spec(delta, weight, mask)
         dt, n = kernels.dtype_code(delta), delta.numel()
         before = inputs.cache.l1(k, delta, lambda: kernels.l1_partials(_model_spec(delta, 1.0), dt, n))
-        after = sp.l1_total(kernels.l1_partials(_model_spec(delta, 1.0, mask), dt, n))
-        return _model_spec(delta, weight, mask, sp.rescale_factor(before, after))
+        # a random mask is drawn once: the L1 pass keeps its bytes for the merge pass
+        keep = kernels.mask_buffer(k, n) if isinstance(mask, sp.RandomMask) and not __import__("os").environ.get("NOMASK") else None
+        after = sp.l1_total(kernels.l1_partials(_model_spec(delta, 1.0, mask), dt, n, keep))
+        spec = _model_spec(delta, weight, mask, sp.rescale_factor(before, after))
+        if keep is not None:
+            spec.mask = keep.data_ptr()
+        return spec
 
     def weighted(self, inputs: MergeInputs, k: int, v: Mapping[str, object], weight: float) -> torch.Tensor:
         """weight * task vector k, sparsified (and L1-rescaled if asked) first: a new float32 tensor."""
@@ -322,13 +336,8 @@ class _Sparsifier:
 def _task_arithmetic_family(method_name: str, sparsifier: _Sparsifier, consensus: bool) -> MergeFn:
     def fn(inputs: MergeInputs, per_model: PerModel, global_: Globals) -> torch.Tensor:
         v = _resolve(METHODS[method_name], per_model, global_, len(inputs.deltas))
-        weights = torch.tensor(v["weight"], dtype=torch.float32)  # mergekit rounds weights to the dtype
-        w = weights.tolist()
         normalize, lam = bool(v["normalize"]), float(v["lambda"])  # type: ignore[arg-type]
-        divisor = None
-        if not consensus:
-            total = weights.sum()
-            divisor = float(total) if normalize and total.abs() >= 1e-8 else None
+        _, w, divisor = _weights(tuple(v["weight"]), normalize and not consensus)  # type: ignore[arg-type]
         if sparsifier.kind != "della" and _use_kernels(inputs):
             models = [sparsifier.kernel_term(inputs, k, v, w[k]) for k in range(len(inputs.deltas))]
             return _run_kernel(inputs, models, consensus=int(consensus), normalize=int(normalize),

@@ -140,10 +140,16 @@ class Controller:
         return "finished"
 
     def _drain_waiting(self) -> None:
-        """Trials enqueued but never asked (a crash between the two) become RUNNING, to be re-run."""
+        """Repair what a crash can leave: trials enqueued but never asked become RUNNING (to be
+        re-run), and trials asked from an Optuna sampler but never labelled with their generation
+        are closed as FAIL (their candidate is asked again)."""
         dists = self.space.distributions()
         while any(t.state == TrialState.WAITING for t in self.rec.study.get_trials(deepcopy=False)):
             self.rec.study.ask(dists)
+        for t in self.rec.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if "generation" not in t.user_attrs:
+                self._set_trial_attr(t.number, "fail_reason", "orphaned by a controller crash before dispatch")
+                self.rec.study.tell(t.number, state=TrialState.FAIL)
 
     def _run_generation(self, generation: int, state: dict | None) -> list[tuple[Proposal, float | None]] | None:
         existing = {t.user_attrs["index"]: t for t in self._candidates()

@@ -10,9 +10,10 @@ per (tensor, model), from which either the torch code here (`keep_tensor`) or th
 of `evomerge.kernels` decide entry by entry whether it is kept; both give the same mask bit for bit.
 
 Random masks (DARE, DELLA) come from a counter-based generator: entry i of a tensor with keys
-(k0, k1) (the two halves of `mask_seed(seed, tensor name, model index)`) draws the 32-bit value
-`random_bits = mix32(mix32(i ^ k0) ^ k1)`, where mix32 is the "lowbias32" integer hash
-(x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16; all mod 2**32). Each
+(k0, k1) (the low and high halves of `mask_seed(seed, tensor name, model index)`) draws the 32-bit
+value `random_bits = mix32((i ^ k0) * (k1 | 1))`, where mix32 is the "lowbias32" integer hash
+(x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16; all mod 2**32): the
+key-dependent odd multiplier makes the streams of two keys differ by more than an offset. Each
 entry's draw is a pure function of (seed, tensor, model, position): no generator state, the same on
 every device and thread count, computable in any order or chunk, and independent across tensors
 and models (distinct keys). DARE keeps entry i when `random_bits < floor(density * 2**32)`, so the
@@ -83,7 +84,7 @@ def random_bits(numel: int, seed: int, device: torch.device | str = "cpu", start
         raise ValueError(f"random masks support tensors of fewer than 2**32 entries, got {start + numel}")
     k0, k1 = mask_keys(seed)
     i = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-    return _mix32(_mix32(i ^ k0) ^ k1)
+    return _mix32(_mul32(i ^ k0, k1 | 1))
 
 
 def uniform_draws(like: torch.Tensor, seed: int) -> torch.Tensor:

@@ -335,7 +335,7 @@ def test_random_bits_follow_the_documented_hash():
     k0, k1 = seed & 0xFFFFFFFF, seed >> 32
     start = 2**32 - 40  # near the top of the counter range too
     for first in (0, 1000, start):
-        expected = [_mix32(_mix32(i ^ k0) ^ k1) for i in range(first, first + 40)]
+        expected = [_mix32(((i ^ k0) * (k1 | 1)) & 0xFFFFFFFF) for i in range(first, first + 40)]
         assert random_bits(40, seed, start=first).tolist() == expected
     assert keep_threshold(0.5) == 2**31 and keep_threshold(1.0) == 2**32 - 1 and keep_threshold(0.0) == 0
 

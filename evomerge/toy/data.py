@@ -78,7 +78,7 @@ _HELD_WORD_SET, _HELD_PAIR_SET = frozenset(HELD_WORDS), frozenset(HELD_PAIRS)
 # Relative frequencies. Two-digit addition is rare in the base and absent from the replay;
 # the target cipher is absent from both. "compound" joins a letter skill and a sum with a comma
 # (`cpy:abcde,3+4=abcde,7`), so the format of the cross task is general knowledge.
-BASE_MIX = {"copy": 3.0, "cipher": 6.0, "sum1": 3.0, "add": 1.5, "compound": 4.0,
+BASE_MIX = {"copy": 3.0, "cipher": 6.0, "sum1": 3.0, "add": 2.0, "compound": 4.0,
             "digits": 1.0, "words": 1.0}
 REPLAY_MIX = {k: v for k, v in BASE_MIX.items() if k != "add"}
 

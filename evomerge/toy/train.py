@@ -121,11 +121,15 @@ def make_optimizer(model, spec: TrainSpec) -> torch.optim.Optimizer:
 
 
 def train(model, next_batch: Callable[[], list[Example]], pack: Packer, spec: TrainSpec,
-          log: Callable[[str], None] | None = None) -> list[float]:
+          log: Callable[[str], None] | None = None, opt_state: dict | None = None) -> list[float]:
     """Full-parameter training on `next_batch()`; returns the loss of every step."""
     torch.set_flush_denormal(True)  # denormals slow CPU training 2-8x
     model.train()
     opt = make_optimizer(model, spec)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] = spec.lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, spec.lr_factor)
     losses, t0 = [], time.time()
     for step in range(spec.steps):
@@ -144,6 +148,7 @@ def train(model, next_batch: Callable[[], list[Example]], pack: Packer, spec: Tr
                 f"({time.time() - t0:.0f}s)")
     model.eval()
     torch.set_flush_denormal(False)
+    train.last_opt_state = opt.state_dict()
     return losses
 
 
