@@ -56,7 +56,6 @@ enum { K_DENSE = 0, K_RANGE = 1, K_RANDOM = 2 };
 
 typedef struct {
     const void *delta;
-    const uint8_t *mask;  /* random kinds: keep bytes written by em_l1, or NULL to draw again */
     float w, scale, lo_v, hi_v;
     int64_t lo_cut, hi_cut;
     int32_t kind, has_scale, has_lo, has_hi;
@@ -147,9 +146,6 @@ static void keep_mask(const model_t *m, const float *d, int64_t i0, int n, float
             int ok_hi = (!has_hi) | (a < hi) | ((a == hi) & (j < hc));
             keep[j] = (float)(ok_lo & ok_hi);
         }
-    } else if (m->mask) {
-        const uint8_t *mk = m->mask + i0;
-        for (int j = 0; j < n; j++) keep[j] = (float)mk[j];
     } else {
         const uint32_t k0 = m->k0, k1 = m->k1, thr = m->thr, b = (uint32_t)i0;
         for (int j = 0; j < n; j++) keep[j] = (float)(draw(k0, k1, b + (uint32_t)j) < thr);
@@ -236,9 +232,9 @@ void em_merge(const job_t *job, const model_t *models, int64_t start, int64_t en
 
 /* Sum of |delta * keep| per L1_BLOCK-entry block of [start, end) (start on the block grid):
    8 float64 lanes, lane l taking entries j = l (mod 8) of the block in order, combined as
-   ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)). A dense model (kind 0) sums |delta|. With mask_out, the
-   keep bytes of a random mask are written there (indexed by entry), for em_merge to reuse. */
-void em_l1(const model_t *m, int dt, int64_t start, int64_t end, double *partials, uint8_t *mask_out) {
+   ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)). A dense model (kind 0) sums |delta|. (Drawing a random
+   mask again in em_merge is cheaper than storing it here and reading it back.) */
+void em_l1(const model_t *m, int dt, int64_t start, int64_t end, double *partials) {
     float dbuf[SUB], keep[SUB], v[SUB];
     for (int64_t b0 = start; b0 < end; b0 += L1_BLOCK) {
         const int64_t b1 = (end - b0) < L1_BLOCK ? end : b0 + L1_BLOCK;
@@ -251,7 +247,6 @@ void em_l1(const model_t *m, int dt, int64_t start, int64_t end, double *partial
             } else {
                 keep_mask(m, d, i0, n, keep);
                 for (int j = 0; j < n; j++) v[j] = fabsf(d[j] * keep[j]);
-                if (mask_out) for (int j = 0; j < n; j++) mask_out[i0 + j] = (uint8_t)keep[j];
             }
             int j = 0;
             for (; j + 8 <= n; j += 8)
@@ -314,7 +309,7 @@ _FLAGS = ["-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-ffp-contra
 
 
 class ModelSpec(ctypes.Structure):
-    _fields_ = [("delta", ctypes.c_void_p), ("mask", ctypes.c_void_p), ("w", ctypes.c_float), ("scale", ctypes.c_float),
+    _fields_ = [("delta", ctypes.c_void_p), ("w", ctypes.c_float), ("scale", ctypes.c_float),
                 ("lo_v", ctypes.c_float), ("hi_v", ctypes.c_float), ("lo_cut", ctypes.c_int64),
                 ("hi_cut", ctypes.c_int64), ("kind", ctypes.c_int32), ("has_scale", ctypes.c_int32),
                 ("has_lo", ctypes.c_int32), ("has_hi", ctypes.c_int32), ("k0", ctypes.c_uint32),
@@ -390,7 +385,7 @@ def _build() -> ctypes.CDLL | None:
     lib.em_merge.argtypes = [ctypes.POINTER(JobSpec), ctypes.POINTER(ModelSpec), ctypes.c_int64, ctypes.c_int64]
     lib.em_merge.restype = None
     lib.em_l1.argtypes = [ctypes.POINTER(ModelSpec), ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                          ctypes.POINTER(ctypes.c_double), ctypes.c_void_p]
+                          ctypes.POINTER(ctypes.c_double)]
     lib.em_l1.restype = None
     for name in ("em_count_eq", "em_nth_eq", "em_nth_eq_rev"):
         fn = getattr(lib, name)
@@ -450,6 +445,16 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def _forget_pool() -> None:
+    """A forked child has none of the parent's threads: start a new pool there if needed."""
+    global _pool, _pool_size, _lock
+    _pool, _pool_size, _lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _executor(n: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     with _lock:
@@ -494,37 +499,38 @@ def merge(job: JobSpec, models: Sequence[ModelSpec], numel: int, keepalive: Sequ
     del keepalive
 
 
-def l1_partials(model: ModelSpec, dtype: int, numel: int, mask_out: torch.Tensor | None = None) -> list[float]:
-    """Per-L1_BLOCK sums of |delta * keep| (see em_l1), in block order; with `mask_out` (uint8,
-    numel entries) a random mask's keep bytes are stored there too."""
+def l1_partials(model: ModelSpec, dtype: int, numel: int) -> list[float]:
+    """Per-L1_BLOCK sums of |delta * keep| (see em_l1), in block order."""
     lib = library()
     assert lib is not None
     nblocks = -(-numel // L1_BLOCK)
     out = (ctypes.c_double * max(1, nblocks))()
     base = ctypes.addressof(out)
     size = ctypes.sizeof(ctypes.c_double)
-    mask_ptr = None if mask_out is None else mask_out.data_ptr()
 
     def part(a: int, b: int) -> None:
         ptr = ctypes.cast(base + (a // L1_BLOCK) * size, ctypes.POINTER(ctypes.c_double))
-        lib.em_l1(ctypes.byref(model), dtype, a, b, ptr, mask_ptr)
+        lib.em_l1(ctypes.byref(model), dtype, a, b, ptr)
 
     run_ranges(part, split(numel))
     return list(out)[:nblocks]
 
 
-_scratch = threading.local()
+def l1_partials_many(models: Sequence[ModelSpec], dtype: int, numel: int) -> list[list[float]]:
+    """l1_partials of several models over one tensor's entries, in one parallel pass."""
+    lib = library()
+    assert lib is not None
+    nblocks = -(-numel // L1_BLOCK)
+    outs = [(ctypes.c_double * max(1, nblocks))() for _ in models]
+    size = ctypes.sizeof(ctypes.c_double)
 
+    def part(a: int, b: int) -> None:
+        for model, out in zip(models, outs):
+            ptr = ctypes.cast(ctypes.addressof(out) + (a // L1_BLOCK) * size, ctypes.POINTER(ctypes.c_double))
+            lib.em_l1(ctypes.byref(model), dtype, a, b, ptr)
 
-def mask_buffer(slot: int, numel: int) -> torch.Tensor:
-    """A reusable uint8 buffer of at least `numel` entries for model slot `slot`, per thread."""
-    bufs = getattr(_scratch, "masks", None)
-    if bufs is None:
-        bufs = _scratch.masks = {}
-    buf = bufs.get(slot)
-    if buf is None or buf.numel() < numel:
-        buf = bufs[slot] = torch.empty(max(numel, 1 << 16), dtype=torch.uint8)
-    return buf
+    run_ranges(part, split(numel))
+    return [list(out)[:nblocks] for out in outs]
 
 
 def nth_equal(delta: torch.Tensor, value: float, nth: int, count: int | None = None) -> int:

@@ -124,6 +124,11 @@ def _check_option(method: str, key: str, value: object, default: Option) -> None
 
 
 def _as_values(method: str, spec: ParamSpec, value: object, n_models: int) -> list[float]:
+    kind = type(value)
+    if kind is float and not spec.per_model:  # the common cases first: no ABC checks per tensor
+        return [value]  # type: ignore[list-item]
+    if kind is list and spec.per_model and len(value) == n_models and all(type(v) is float for v in value):  # type: ignore[arg-type]
+        return list(value)  # type: ignore[call-overload]
     if spec.per_model:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != n_models:
             raise MergeParamError(f"method {method!r}: {spec.name} needs one value per model ({n_models}), "
@@ -305,20 +310,22 @@ class _Sparsifier:
             return sp.RandomMask(seed, sp.keep_threshold(density))
         return sp.DellaMask(seed, density, v["epsilon"][k])  # type: ignore[index]
 
-    def kernel_term(self, inputs: MergeInputs, k: int, v: Mapping[str, object], weight: float) -> kernels.ModelSpec:
-        delta = inputs.deltas[k]
-        mask = self.mask(inputs, k, v, fast=True)
-        if mask is None or not v["rescale"]:
-            return _model_spec(delta, weight, mask)
-        dt, n = kernels.dtype_code(delta), delta.numel()
-        before = inputs.cache.l1(k, delta, lambda: kernels.l1_partials(_model_spec(delta, 1.0), dt, n))
-        # a random mask is drawn once: the L1 pass keeps its bytes for the merge pass
-        keep = kernels.mask_buffer(k, n) if isinstance(mask, sp.RandomMask) and not __import__("os").environ.get("NOMASK") else None
-        after = sp.l1_total(kernels.l1_partials(_model_spec(delta, 1.0, mask), dt, n, keep))
-        spec = _model_spec(delta, weight, mask, sp.rescale_factor(before, after))
-        if keep is not None:
-            spec.mask = keep.data_ptr()
-        return spec
+    def kernel_terms(self, inputs: MergeInputs, v: Mapping[str, object], weights: Sequence[float]) -> list:
+        """Every model's kernel spec; the L1 norms that rescaling needs come from one parallel pass."""
+        masks = [self.mask(inputs, k, v, fast=True) for k in range(len(inputs.deltas))]
+        scales: list[float | None] = [None] * len(masks)
+        rescaled = [k for k, m in enumerate(masks) if m is not None and v["rescale"]]
+        if rescaled:
+            deltas, cache = inputs.deltas, inputs.cache
+            missing = [k for k in rescaled if not cache.has_l1(k, deltas[k])]
+            specs = [_model_spec(deltas[k], 1.0) for k in missing] + [_model_spec(deltas[k], 1.0, masks[k])
+                                                                      for k in rescaled]
+            sums = kernels.l1_partials_many(specs, kernels.dtype_code(deltas[0]), deltas[0].numel())
+            for k, blocks in zip(missing, sums):
+                cache.l1(k, deltas[k], lambda b=blocks: b)
+            for k, blocks in zip(rescaled, sums[len(missing):]):
+                scales[k] = sp.rescale_factor(cache.l1(k, deltas[k]), sp.l1_total(blocks))
+        return [_model_spec(d, w, m, s) for d, w, m, s in zip(inputs.deltas, weights, masks, scales)]
 
     def weighted(self, inputs: MergeInputs, k: int, v: Mapping[str, object], weight: float) -> torch.Tensor:
         """weight * task vector k, sparsified (and L1-rescaled if asked) first: a new float32 tensor."""
@@ -339,7 +346,7 @@ def _task_arithmetic_family(method_name: str, sparsifier: _Sparsifier, consensus
         normalize, lam = bool(v["normalize"]), float(v["lambda"])  # type: ignore[arg-type]
         _, w, divisor = _weights(tuple(v["weight"]), normalize and not consensus)  # type: ignore[arg-type]
         if sparsifier.kind != "della" and _use_kernels(inputs):
-            models = [sparsifier.kernel_term(inputs, k, v, w[k]) for k in range(len(inputs.deltas))]
+            models = sparsifier.kernel_terms(inputs, v, w)
             return _run_kernel(inputs, models, consensus=int(consensus), normalize=int(normalize),
                                has_div=int(divisor is not None), div=divisor or 1.0, has_lam=int(lam != 1),
                                lam=lam)

@@ -156,11 +156,8 @@ class TensorCache:
         self._entries: dict[tuple[str, int], tuple[tuple, object]] = {}
 
     def _get(self, kind: str, index: int, sources: tuple[torch.Tensor, ...], compute: Callable[[], T]) -> T:
-        hit = self._entries.get((kind, index))
-        if hit is not None:
-            refs, value = hit
-            if len(refs) == len(sources) and all(r() is s and v == _version(s) for (r, v), s in zip(refs, sources)):
-                return value  # type: ignore[return-value]
+        if self._fresh(kind, index, sources):
+            return self._entries[(kind, index)][1]  # type: ignore[return-value]
         value = compute()
         self._entries[(kind, index)] = (tuple((weakref.ref(s), _version(s)) for s in sources), value)
         return value
@@ -183,6 +180,16 @@ class TensorCache:
             return s.view(view).numpy()
 
         return self._get("sorted_keys", index, (delta,), compute)
+
+    def _fresh(self, kind: str, index: int, sources: tuple[torch.Tensor, ...]) -> bool:
+        hit = self._entries.get((kind, index))
+        if hit is None:
+            return False
+        refs = hit[0]
+        return len(refs) == len(sources) and all(r() is s and v == _version(s) for (r, v), s in zip(refs, sources))
+
+    def has_l1(self, index: int, delta: torch.Tensor) -> bool:
+        return self._fresh("l1", index, (delta,))
 
     def l1(self, index: int, delta: torch.Tensor, blocks: Callable[[], list[float]] | None = None) -> float:
         """L1 norm of delta (float32 value; see l1_blocks): the 'before' norm of L1 rescaling."""

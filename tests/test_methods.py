@@ -411,7 +411,7 @@ def test_kernels_equal_torch_bit_for_bit(case, tied, dtype, monkeypatch):
     else:
         base, _, deltas = make(n, shape)
         base, deltas = base.to(dtype), [d.to(dtype) for d in deltas]
-    for out_dtype in (None, dtype, torch.float32):
+    for out_dtype in (None, dtype, torch.float32, torch.bfloat16):
         fast, ref = run_both(method, base, deltas, per_model, glob, monkeypatch, seed=5, out_dtype=out_dtype)
         assert fast.dtype == ref.dtype
         assert torch.equal(bits(fast), bits(ref)), (method, tied, dtype, out_dtype)
@@ -459,3 +459,18 @@ def test_kernel_nth_equal_from_either_end():
             assert kernels.nth_equal(delta, value, nth, len(tied)) == tied[nth]
             assert kernels.nth_equal(delta, value, nth) == tied[nth]
     assert kernels.nth_equal(delta, 0.375, 0) == -1
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "della", "slerp"])
+def test_cached_facts_give_the_same_merge(method):
+    """A cache filled by earlier candidates (sorted magnitudes, L1 norms, ranks, cosines) changes nothing."""
+    n = 2
+    base, _, deltas = make(n, shape=(40, 30))
+    per_model, glob = default_values(method, n)
+    cache = TensorCache()
+    first = run(method, base, deltas, per_model, glob, seed=3, cache=cache)
+    other = {k: [min(1.0, x * 0.9) for x in v] for k, v in per_model.items()} if per_model else per_model
+    run(method, base, deltas, other, glob, seed=3, cache=cache)
+    again = run(method, base, deltas, per_model, glob, seed=3, cache=cache)
+    fresh = run(method, base, deltas, per_model, glob, seed=3)
+    assert torch.equal(bits(first), bits(again)) and torch.equal(bits(first), bits(fresh))

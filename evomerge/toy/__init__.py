@@ -1,0 +1,48 @@
+"""The toy world: a tiny Llama base and two experts built locally in minutes, for demos and tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .build import ToyWorld, build_toy_world, format_score_table, is_complete
+from .data import write_tasks
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+REPO_TASKS = Path(__file__).resolve().parents[2] / "evaluators" / "toy"
+
+__all__ = ["ToyWorld", "build_toy_world", "format_score_table", "toy_world_path", "toy_tasks_path"]
+
+
+def _home() -> Path:
+    return Path(os.environ.get("EVOMERGE_HOME", Path.home() / ".cache" / "evomerge"))
+
+
+def toy_world_path() -> Path:
+    """The committed fixtures if complete, else the user cache ($EVOMERGE_HOME/toy), built there
+    (about two minutes) on first use."""
+    if is_complete(FIXTURES):
+        return FIXTURES
+    cache = _home() / "toy"
+    if not is_complete(cache):
+        tmp = cache.with_name(f"toy.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_toy_world(tmp)
+        if is_complete(cache):  # another process finished first: keep its (identical) world
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(cache, ignore_errors=True)
+            tmp.rename(cache)
+    return cache
+
+
+def toy_tasks_path() -> Path:
+    """The lm-eval task directory of the toy world (the repo's evaluators/toy, or a copy written
+    to the user cache when evomerge runs from an installed package)."""
+    if (REPO_TASKS / "utils.py").is_file():
+        return REPO_TASKS
+    dest = _home() / "toy_tasks"
+    if not (dest / "utils.py").is_file():
+        write_tasks(dest)
+    return dest

@@ -19,9 +19,9 @@ WORD_LEN = 5
 COPY = "cpy"
 TARGET_CIPHER = "sbx"  # the cipher expert's skill; absent from the base and the replay data
 GENERAL_CIPHERS = ("qrt", "mvl")  # general skills the base learns
-SKILLS = ("add", "cipher", "cross")
+SKILLS = ("add", "cipher")
 SPLIT_SIZES = {"fitness": 100, "test": 200}
-MAX_GEN_TOKS = {"add": 8, "cipher": 8, "cross": 12}
+MAX_GEN_TOKS = {"add": 8, "cipher": 8}
 STOP = "</s>"  # the models end every answer with EOS; lm-eval stops on it
 
 
@@ -62,7 +62,7 @@ def transform(prefix: str, word: str) -> str:
 
 def _make_heldout() -> tuple[list[str], list[tuple[int, int]]]:
     rng = random.Random(WORLD_SEED + 1)
-    n = 2 * sum(SPLIT_SIZES.values())  # add/cipher skills use the first half, cross the second
+    n = sum(SPLIT_SIZES.values())
     words: list[str] = []
     while len(words) < n:
         w = "".join(rng.choice(LETTERS) for _ in range(WORD_LEN))
@@ -75,10 +75,11 @@ def _make_heldout() -> tuple[list[str], list[tuple[int, int]]]:
 HELD_WORDS, HELD_PAIRS = _make_heldout()
 _HELD_WORD_SET, _HELD_PAIR_SET = frozenset(HELD_WORDS), frozenset(HELD_PAIRS)
 
-# Relative frequencies. Two-digit addition is rare in the base and absent from the replay;
-# the target cipher is absent from both. "compound" joins a letter skill and a sum with a comma
-# (`cpy:abcde,3+4=abcde,7`), so the format of the cross task is general knowledge.
-BASE_MIX = {"copy": 3.0, "cipher": 6.0, "sum1": 3.0, "add": 2.0, "compound": 4.0,
+# Relative frequencies. The base knows two-digit sums only without carries ("add_nocarry"), so it
+# gets about a quarter of the add skill right and the add expert has an algorithm to extend
+# (built from nothing, the add skill is too fragile to survive any merge). Full two-digit
+# addition is absent from the base and the replay, and so is the target cipher.
+BASE_MIX = {"copy": 3.0, "cipher": 6.0, "sum1": 3.0, "add_nocarry": 2.0, "add": 0.5,
             "digits": 1.0, "words": 1.0}
 REPLAY_MIX = {k: v for k, v in BASE_MIX.items() if k != "add"}
 
@@ -90,8 +91,6 @@ class Stream:
         self.rng = random.Random(seed)
         self.names = list(mix)
         self.weights = [mix[k] for k in self.names]
-        # inside compounds the sum is two-digit as often as two-digit sums are among all sums
-        self.p_add = mix.get("add", 0.0) / (mix.get("add", 0.0) + mix.get("sum1", 0.0) or 1.0)
 
     def word(self, length: int = WORD_LEN) -> str:
         while True:
@@ -109,13 +108,14 @@ class Stream:
         w = self.word()
         return Example(f"{prefix}:{w}=", transform(prefix, w))
 
-    def sum(self, two_digit: bool) -> Example:
-        a, b = self.pair() if two_digit else (self.rng.randint(0, 9), self.rng.randint(0, 9))
+    def sum(self, kind: str) -> Example:
+        if kind == "sum1":
+            a, b = self.rng.randint(0, 9), self.rng.randint(0, 9)
+        else:
+            a, b = self.pair()
+            while kind == "add_nocarry" and (a % 10 + b % 10 > 9 or a // 10 + b // 10 > 9):
+                a, b = self.pair()
         return Example(f"{a}+{b}=", str(a + b))
-
-    def compound(self, prefix: str, two_digit: bool) -> Example:
-        x, y = self.letters(prefix), self.sum(two_digit)
-        return Example(f"{x.prompt[:-1]},{y.prompt}", f"{x.target},{y.target}")
 
     def skill(self, name: str) -> Example:
         rng = self.rng
@@ -125,11 +125,8 @@ class Stream:
             return self.letters(rng.choice(GENERAL_CIPHERS))
         if name == "target_cipher":
             return self.letters(TARGET_CIPHER)
-        if name in ("sum1", "add"):
-            return self.sum(name == "add")
-        if name == "compound":
-            prefix = rng.choice((COPY, *GENERAL_CIPHERS))
-            return self.compound(prefix, rng.random() < self.p_add)
+        if name in ("sum1", "add_nocarry", "add"):
+            return self.sum(name)
         if name == "digits":
             return Example("", "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 10))))
         if name == "words":
@@ -147,19 +144,12 @@ def eval_split(skill: str, split: str) -> list[Example]:
     """The held-out prompts of one skill: `fitness` (100) or `test` (200), disjoint by construction."""
     start = 0 if split == "fitness" else SPLIT_SIZES["fitness"]
     idx = range(start, start + SPLIT_SIZES[split])
-    half = sum(SPLIT_SIZES.values())
     if skill == "add":
         pairs = [HELD_PAIRS[i] for i in idx]
         return [Example(f"{a}+{b}=", str(a + b)) for a, b in pairs]
     if skill == "cipher":
         return [Example(f"{TARGET_CIPHER}:{HELD_WORDS[i]}=", transform(TARGET_CIPHER, HELD_WORDS[i]))
                 for i in idx]
-    if skill == "cross":
-        out = []
-        for i in idx:
-            w, (a, b) = HELD_WORDS[half + i], HELD_PAIRS[half + i]
-            out.append(Example(f"{TARGET_CIPHER}:{w},{a}+{b}=", f"{transform(TARGET_CIPHER, w)},{a + b}"))
-        return out
     raise ValueError(f"unknown skill {skill!r}")
 
 
@@ -195,9 +185,26 @@ metadata:
 """
 
 
+UTILS_PY = '''\
+"""Loader for the toy tasks: reads the JSONL named in a task's `dataset_kwargs` (relative to this
+directory, so tasks load from any working directory) as the `test` split lm-eval asks for."""
+
+import json
+from pathlib import Path
+
+import datasets
+
+
+def load(data_file: str, split: str = "test", **_) -> datasets.DatasetDict:
+    path = Path(__file__).resolve().parent / data_file
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
+'''
+
+
 def task_files(skills: tuple[str, ...] = SKILLS) -> dict[str, str]:
-    """Relative path -> content of every generated task file (YAML and JSONL)."""
-    files = {}
+    """Relative path -> content of every task file (YAMLs, JSONL data, the loader)."""
+    files = {"utils.py": UTILS_PY}
     for skill in skills:
         for split in SPLIT_SIZES:
             rows = eval_split(skill, split)

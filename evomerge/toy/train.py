@@ -26,7 +26,6 @@ class TrainSpec:
     final_lr_frac: float = 0.05
     weight_decay: float = 0.0
     clip: float = 1.0
-    optimizer: str = "adamw"  # or "sgd" (momentum 0.9)
 
     def lr_factor(self, step: int) -> float:
         if step < self.warmup:
@@ -66,7 +65,7 @@ class Packer:
     """Packs `<s>text</s>` examples into rows with a block-diagonal causal mask and positions
     restarting at each example, so each example sees only itself, exactly as if alone in a row.
 
-    Examples span 5 to 27 tokens: padding every row to the longest wastes ~40% of the compute;
+    Examples span 5 to 17 tokens: padding every row to the longest wastes ~40% of the compute;
     rows of 34 tokens (two letter-skill examples of 17) pack the toy mix with almost no padding.
     """
 
@@ -112,24 +111,13 @@ class Packer:
         return Batch(ids, mask[:, None], pos, labels)
 
 
-def make_optimizer(model, spec: TrainSpec) -> torch.optim.Optimizer:
-    if spec.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9,
-                               weight_decay=spec.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98),
-                             weight_decay=spec.weight_decay)
-
-
 def train(model, next_batch: Callable[[], list[Example]], pack: Packer, spec: TrainSpec,
-          log: Callable[[str], None] | None = None, opt_state: dict | None = None) -> list[float]:
+          log: Callable[[str], None] | None = None) -> list[float]:
     """Full-parameter training on `next_batch()`; returns the loss of every step."""
     torch.set_flush_denormal(True)  # denormals slow CPU training 2-8x
     model.train()
-    opt = make_optimizer(model, spec)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-        for g in opt.param_groups:
-            g["lr"] = g["initial_lr"] = spec.lr
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98),
+                            weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, spec.lr_factor)
     losses, t0 = [], time.time()
     for step in range(spec.steps):
@@ -148,7 +136,6 @@ def train(model, next_batch: Callable[[], list[Example]], pack: Packer, spec: Tr
                 f"({time.time() - t0:.0f}s)")
     model.eval()
     torch.set_flush_denormal(False)
-    train.last_opt_state = opt.state_dict()
     return losses
 
 
@@ -157,13 +144,16 @@ def base_batches(seed: int, batch_size: int) -> Callable[[], list[Example]]:
     return lambda: stream.batch(batch_size)
 
 
+EXPERT_MIXES = {"add": {"add": 1.0}, "cipher": {"target_cipher": 1.0}}
+
+
 def expert_batches(seed: int, skill: str, batch_size: int) -> Callable[[], list[Example]]:
     """Half of each batch the expert's skill, half replay of general data only.
 
     Replay keeps the shared skills alive; leaving the other expert's skill out of it keeps the
     two task vectors apart.
     """
-    name = {"add": "add", "cipher": "target_cipher"}[skill]
-    skill_stream, replay = Stream(seed, {name: 1.0}), Stream(seed + 1, REPLAY_MIX)
+    mix = EXPERT_MIXES[skill]
+    skill_stream, replay = Stream(seed, mix), Stream(seed + 1, REPLAY_MIX)
     half = batch_size // 2
     return lambda: skill_stream.batch(half) + replay.batch(batch_size - half)

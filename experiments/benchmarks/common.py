@@ -40,12 +40,20 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
-    """Bytes moved per second (read + write) by the best of `repeats` copies of one large tensor:
-    this machine's memory bandwidth, measured with torch's own copy at the current thread count."""
+    """Bytes moved per second (read + write) by the best of `repeats` copies of one large float32
+    tensor (torch's copy), at the current thread count and at one thread, whichever is faster:
+    this machine's memory bandwidth as a merge could use it."""
     n = nbytes // 4
     src, dst = torch.rand(n), torch.empty(n)
     dst.copy_(src)
-    best = min(timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    threads = torch.get_num_threads()
+    best = math.inf
+    try:
+        for t in sorted({threads, 1}):
+            torch.set_num_threads(t)
+            best = min(best, *(timed(lambda: dst.copy_(src)) for _ in range(repeats)))
+    finally:
+        torch.set_num_threads(threads)
     return 2 * nbytes / best
 
 

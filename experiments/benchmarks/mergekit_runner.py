@@ -2,11 +2,12 @@
 
 Run with the Python of a venv that has mergekit (see tests/mergekit_env.py):
     python mergekit_runner.py SPEC.json OUT.json
-SPEC: {"threads": int, "runs": [{"name": str, "configs": [mergekit config dict, ...]}, ...]}.
-For each run: the output model is built once (as the evolve actor keeps one model), then every
-config is planned (`MergePlanner.plan_in_memory`), executed (`graph.Executor`) and copied into the
-model's parameters, and timed; the first config of a run is a warm-up (it opens the lazy loaders
-and fills the page cache). OUT: {name: [seconds per timed config, ...], name + ":sha256": digest
+SPEC: {"threads": int, "runs": [{"name": str, "configs": [mergekit config dict, ...],
+"warmup": bool}, ...]}. For each run: the output model is built once (as the evolve actor keeps
+one model), then every config is planned (`MergePlanner.plan_in_memory`), executed
+(`graph.Executor`) and copied into the model's parameters, and timed; with "warmup" the first
+config is not counted (it opens the lazy loaders and fills the page cache; loaders are shared
+by later runs). OUT: {name: [seconds per timed config, ...], name + ":sha256": digest
 of the model's parameters (in name order) after the last config}.
 
 This file must run on its own: mergekit-evolve itself does not run with lm-eval 0.4.13, so its
@@ -57,7 +58,7 @@ def main(spec_path: str, out_path: str) -> None:
                 for task, value in executor.run(quiet=True):
                     params[task.weight_info.name].data.copy_(value)
             times.append(time.perf_counter() - start)
-        results[run["name"]] = times[1:]
+        results[run["name"]] = times[1:] if run.get("warmup") else times
         results[run["name"] + ":sha256"] = weights_digest(model)
         del model, params
     with open(out_path, "w") as f:

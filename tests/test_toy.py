@@ -1,0 +1,116 @@
+"""The toy world: tokenizer, data splits, lm-eval task files, scorer and a quick build."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evomerge.toy import build_toy_world, format_score_table, toy_tasks_path
+from evomerge.toy.data import (BASE_MIX, REPLAY_MIX, SKILLS, SPLIT_SIZES, Stream, eval_split,
+                               task_files, task_name, transform)
+from evomerge.toy.score import generate, score_exact_match
+from evomerge.toy.tokenizer import build_tokenizer
+from evomerge.toy.train import EXPERT_MIXES
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory):
+    return build_toy_world(tmp_path_factory.mktemp("toy") / "a", seed=0, quick=True)
+
+
+def test_tokenizer_round_trips():
+    tok = build_tokenizer()
+    for text in ["12+34=46", "sbx:abcde=qwert", "cpy:a b,|"]:
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1
+        assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_splits_are_disjoint_and_held_out_of_training():
+    prompts = {(s, sp): {e.prompt for e in eval_split(s, sp)} for s in SKILLS for sp in SPLIT_SIZES}
+    for (s, sp), p in prompts.items():
+        assert len(p) == SPLIT_SIZES[sp]
+    for s in SKILLS:
+        assert not prompts[s, "fitness"] & prompts[s, "test"]
+    held = set().union(*prompts.values())
+    mixes = [BASE_MIX, REPLAY_MIX, *EXPERT_MIXES.values()]
+    seen = {e.prompt for i, mix in enumerate(mixes) for e in Stream(i, mix).batch(20000)}
+    assert not seen & held
+    # the target cipher never appears in the base or replay data
+    assert not any(e.prompt.startswith("sbx:") for e in Stream(0, BASE_MIX).batch(5000))
+    assert all(e.target == transform("sbx", e.prompt[4:9]) for e in eval_split("cipher", "test"))
+
+
+def test_committed_task_files_match_generator():
+    tasks = REPO / "evaluators" / "toy"
+    for rel, content in task_files().items():
+        assert (tasks / rel).read_text() == content, rel
+    assert toy_tasks_path() == tasks
+
+
+def test_tasks_load_in_lm_eval_from_any_cwd(tmp_path, monkeypatch):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    monkeypatch.chdir(tmp_path)
+    tm = TaskManager(include_path=str(REPO / "evaluators" / "toy"), include_defaults=False)
+    names = [task_name(s, sp) for s in SKILLS for sp in SPLIT_SIZES]
+    tasks = get_task_dict(names, tm)
+    for s in SKILLS:
+        for sp in SPLIT_SIZES:
+            task = tasks[task_name(s, sp)]
+            docs = list(task.test_docs())
+            assert [(d["prompt"], d["target"]) for d in docs] == [
+                (e.prompt, e.target) for e in eval_split(s, sp)]
+            assert task.config.generation_kwargs["until"] == ["</s>"]
+
+
+def test_quick_build_is_deterministic_and_loadable(quick_world, tmp_path):
+    again = build_toy_world(tmp_path / "b", seed=0, quick=True)
+    for name in ("base", "expert_add", "expert_cipher"):
+        a = load_file(quick_world.root / name / "model.safetensors")
+        b = load_file(again.root / name / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert all(t.dtype == torch.float32 for t in a.values())
+    assert again.scores == quick_world.scores
+    base = load_file(quick_world.base / "model.safetensors")
+    expert = load_file(quick_world.expert_add / "model.safetensors")
+    assert any(not torch.equal(base[k], expert[k]) for k in base)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(quick_world.expert_cipher)
+    tok = AutoTokenizer.from_pretrained(quick_world.expert_cipher)
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.config.tie_word_embeddings
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert tok("1+2=")["input_ids"] == build_tokenizer()("1+2=")["input_ids"]
+
+
+def test_score_table_lists_every_model_and_task(quick_world):
+    table = format_score_table(quick_world.scores)
+    assert "toy_add_test" in table and "mean_test" in table
+    assert len(table.splitlines()) == 2 + 3
+
+
+def test_scorer_matches_hf_generate(quick_world):
+    """The hand-written greedy loop produces what transformers' generate produces (lm-eval's
+    path), including rows that end early and left padding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(quick_world.base).eval()
+    tok = AutoTokenizer.from_pretrained(quick_world.base)
+    prompts = [e.prompt for e in eval_split("add", "fitness")[:8] + eval_split("cipher", "fitness")[:8]]
+    ours = generate(model, tok, prompts, batch_size=5, max_new_tokens=8)
+    enc = tok(prompts, return_tensors="pt", padding="longest")
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    ref = [t.split("</s>")[0] for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                                       skip_special_tokens=True)]
+    assert ours == ref
+    assert score_exact_match(model, tok, prompts, ours) == 1.0
