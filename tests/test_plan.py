@@ -1,0 +1,65 @@
+"""`evomerge plan`: offline on the paper's setup, and its memory figure against a measured worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from evomerge.config import REPO_ROOT, config_from_dict, load_config
+from evomerge.plan import GiB, make_plan, make_plans, params_from_config
+
+
+def test_paper_setup_plans_offline_from_checked_in_configs(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plan = make_plan(load_config(REPO_ROOT / "experiments" / "evollm_jp.yaml"))
+    assert plan.dims == 6 and plan.population == 9 and plan.generations == 112
+    assert 13 * GiB < plan.breakdown["base weights"] < 14 * GiB  # Mistral-7B in bfloat16
+    stages = make_plans(load_config(REPO_ROOT / "experiments" / "evollm_jp_hybrid.yaml"))
+    assert [p.space_kind for p in stages] == ["ps", "dfs"] and stages[1].dims == 2 * 192
+
+
+def test_mistral_parameter_count_from_config():
+    cfg = {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False}
+    assert params_from_config(cfg) == 7_241_732_096
+
+
+def test_plan_memory_matches_a_real_worker(tiny_world):
+    """Resident base + task vectors + output model as planned vs as held by a worker (within 20 %)."""
+    from evomerge.workers import make_materializer
+
+    cfg = config_from_dict({
+        "name": "plan_tiny", "base": {"name": "base", "path": str(tiny_world["base"])},
+        "sources": [{"name": "a", "path": str(tiny_world["a"])}, {"name": "b", "path": str(tiny_world["b"])}],
+        "search_space": {"kind": "ps", "method": "ties"},
+        "fitness": {"tasks": [{"task": "tiny_add"}]},
+    })
+    plan = make_plan(cfg)
+    planned = sum(v for k, v in plan.breakdown.items() if k.startswith(("base weights", "task vectors", "output")))
+    mat, _ = make_materializer(cfg)
+    model_bytes = sum(p.numel() * p.element_size() for p in mat.model.parameters())
+    measured = mat.sources.resident_bytes + model_bytes
+    assert abs(planned - measured) / measured < 0.2
+
+
+def test_plan_cli_refuses_what_cannot_fit(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load((REPO_ROOT / "experiments" / "evollm_jp.yaml").read_text())
+    raw["resources"] = {"workers": 10_000, "device": "cpu", "dtype": "float32"}
+    raw["search_space"] = str(REPO_ROOT / "search_spaces" / "ps_dare_ties.yaml")
+    raw["fitness"]["include"] = [str(REPO_ROOT / "evaluators" / "gsm8k_ja")]
+    exp = tmp_path / "huge.yaml"
+    exp.write_text(yaml.safe_dump(raw))
+    res = subprocess.run([sys.executable, "-m", "evomerge.cli", "plan", str(exp)], capture_output=True, text=True,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "do not fit" in res.stdout and "at most" in res.stdout
+
+
+@pytest.mark.parametrize("exp", ["toy_ps.yaml", "toy_dfs.yaml", "toy_hybrid.yaml"])
+def test_toy_experiments_plan(exp):
+    plans = make_plans(load_config(REPO_ROOT / "experiments" / exp))
+    assert all(p.bytes_per_worker > 0 and not p.problems for p in plans)
