@@ -53,7 +53,7 @@ def test_search_with_two_ray_workers(tmp_path, ray_local):
     assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
     assert sorted((t.user_attrs["generation"], t.user_attrs["index"]) for t in trials) == [
         (g, i) for g in range(2) for i in range(4)]
-    assert {t.user_attrs["worker"] for t in trials} <= {"w0", "w1"}
+    assert {w for t in trials for w in t.user_attrs["worker"].split(",")} <= {"w0", "w1"}
     assert rec.get("sampler_state")["generation"] == 2
     kinds = [r["kind"] for r in summary["rows"]]
     assert kinds.count("source") == 2 and "baseline" in kinds and kinds[-1] == "evolved"
