@@ -20,6 +20,7 @@ from .train import Packer, TrainSpec, base_batches, expert_batches, new_model, t
 
 MODELS = {"base": None, "expert_add": "add", "expert_cipher": "cipher"}
 MARKER = "build.json"  # written last: its presence means the world is complete
+VERSION = 1  # bump whenever the recipe or the data change, so cached worlds are rebuilt
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,14 @@ class ToyWorld:
 
 
 def is_complete(root: Path) -> bool:
+    """A finished full build of the current recipe version."""
     root = Path(root)
-    return (root / MARKER).is_file() and all(
-        (root / name / "model.safetensors").is_file() for name in MODELS)
+    try:
+        meta = json.loads((root / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (meta.get("version") == VERSION and not meta.get("quick")
+            and all((root / name / "model.safetensors").is_file() for name in MODELS))
 
 
 @contextmanager
@@ -128,7 +134,7 @@ def build_toy_world(out: Path, seed: int = 0, quick: bool = False, threads: int 
             model.save_pretrained(out / name)
             tok.save_pretrained(out / name)
             scores[name] = score_model(model, tok)
-    meta = {"seed": seed, "quick": quick, "threads": threads, "scores": scores,
+    meta = {"version": VERSION, "seed": seed, "quick": quick, "threads": threads, "scores": scores,
             "seconds": {k: round(v, 1) for k, v in times.items()},
             "spec": {"base": asdict(spec.base),
                      "experts": {k: asdict(v) for k, v in spec.experts.items()}}}

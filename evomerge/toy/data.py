@@ -79,7 +79,7 @@ _HELD_WORD_SET, _HELD_PAIR_SET = frozenset(HELD_WORDS), frozenset(HELD_PAIRS)
 # gets about a quarter of the add skill right and the add expert has an algorithm to extend
 # (built from nothing, the add skill is too fragile to survive any merge). Full two-digit
 # addition is absent from the base and the replay, and so is the target cipher.
-BASE_MIX = {"copy": 3.0, "cipher": 6.0, "sum1": 3.0, "add_nocarry": 2.0, "add": 0.5,
+BASE_MIX = {"copy": 3.0, "cipher": 6.0, "sum1": 3.0, "add_nocarry": 2.0, "add": 1.0,
             "digits": 1.0, "words": 1.0}
 REPLAY_MIX = {k: v for k, v in BASE_MIX.items() if k != "add"}
 
