@@ -22,13 +22,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="number of workers (overrides resources.workers); 0 runs "
                                                "candidates in this process without Ray")
     p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--compare", action="append", type=Path, default=[], metavar="SUMMARY_JSON",
+                   help="add the evolved row of another run's summary.json to the result table (e.g. the "
+                        "PS result next to a DFS run); repeatable")
 
 
 def _run_options(args: argparse.Namespace, **extra):
     from evomerge.runner import RunOptions
 
     return RunOptions(study=args.study, storage=args.storage, budget=args.budget, minutes=args.minutes,
-                      workers=args.workers, ray_address=args.ray_address, **extra)
+                      workers=args.workers, ray_address=args.ray_address,
+                      compare=tuple(args.compare), **extra)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -151,9 +155,12 @@ def _measured_seconds(cfg, storage: str | None) -> float | None:
 def cmd_toy_build(args: argparse.Namespace) -> int:
     from evomerge.toy import build_toy_world, format_score_table
 
-    world = build_toy_world(Path(args.out), seed=args.seed)
+    from evomerge.toy import toy_cache_path
+
+    out = Path(args.out) if args.out else toy_cache_path()
+    world = build_toy_world(out, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_score_table(world.scores))
-    print(f"toy world written to {args.out}")
+    print(f"toy world written to {out}")
     return 0
 
 
@@ -317,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     toy_sub = p.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
     b = toy_sub.add_parser("build", help="build the toy world (tokenizer, base, experts, task data) and "
                                          "print each model's score on each task")
-    b.add_argument("--out", default=os.path.expanduser("~/.cache/evomerge/toy"),
-                   help="output directory (default: ~/.cache/evomerge/toy)")
+    b.add_argument("--out", default=None,
+                   help="output directory (default: $EVOMERGE_HOME/toy, EVOMERGE_HOME defaulting to "
+                        "~/.cache/evomerge); the demo and the tests use the world found there")
     b.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     b.set_defaults(func=cmd_toy_build)
     _add_export_parsers(sub)

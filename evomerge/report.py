@@ -12,7 +12,7 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from evomerge.config import ExperimentConfig
+from evomerge.config import ConfigError, ExperimentConfig
 from evomerge.evaluate import TaskSpec, resolve_metric
 from evomerge.study import StudyRecord
 from evomerge.workers import Job
@@ -75,6 +75,31 @@ def build_summary(cfg: ExperimentConfig, rec: StudyRecord, pool) -> dict:
             row["test"] = _row_scores(cache[job.id], test_tasks)
         rows.append(row)
     return {"study": rec.name, "storage": rec.storage_url, "rows": rows}
+
+
+def reference_rows(paths, cfg: ExperimentConfig) -> list[dict]:
+    """The evolved rows of other runs' summary.json files, to compare this run with (e.g. a DFS
+    run with the PS result); checked before the search starts, so a wrong path costs nothing."""
+    want = {t.name for t in cfg.task_specs("fitness")} | {"mean"}
+    want_test = {t.name for t in cfg.task_specs("test")} | {"mean"}
+    rows = []
+    for path in map(Path, paths):
+        try:
+            other = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--compare {path}: cannot read a summary.json ({exc}); give the summary.json "
+                             "that a finished `evomerge run` or `evomerge demo` wrote in its run directory") from exc
+        evolved = [r for r in other.get("rows", []) if r.get("kind") == "evolved"]
+        if not evolved:
+            raise ConfigError(f"--compare {path}: it has no evolved row; was that run finished?")
+        for r in evolved:
+            got, got_test = set(r.get("fitness", {})), set(r.get("test", {}))
+            if got != want or (got_test and got_test != want_test):
+                raise ConfigError(f"--compare {path}: it was scored on {sorted(got | got_test)}, this experiment "
+                                 f"on {sorted(want | want_test)}; compare only runs with the same fitness tasks")
+            rows.append(dict(r, name=f"{other.get('study', path.parent.name)}: {r['name']}", kind="baseline",
+                             **{"from": str(path)}))
+    return rows
 
 
 def format_table(summary: dict) -> str:

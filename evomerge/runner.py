@@ -12,7 +12,7 @@ from typing import Callable
 import yaml
 
 from evomerge.config import ExperimentConfig
-from evomerge.report import build_summary, format_table, write_summary
+from evomerge.report import build_summary, format_table, reference_rows, write_summary
 from evomerge.sampler import make_sampler, study_sampler
 from evomerge.search import Controller
 from evomerge.sources import inspect
@@ -32,6 +32,7 @@ class RunOptions:
     takeover: bool = False
     inline: bool = False
     runs_dir: Path = Path("runs")
+    compare: tuple[Path, ...] = ()  # other runs' summary.json whose evolved rows join the table
 
 
 def config_diff(old: dict, new: dict) -> str:
@@ -166,6 +167,7 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
     name = opts.study or cfg.name
     storage = opts.storage or cfg.storage or default_storage(name, opts.runs_dir)
     space = build_space(cfg)
+    references = reference_rows(opts.compare, cfg)
     workers = cfg.resources.workers if opts.workers is None else opts.workers
     sampler = make_sampler(cfg.optimizer.sampler, space, cfg.optimizer.seed, cfg.optimizer.population, workers)
     rec = create_or_load(name, storage, study_sampler(sampler))
@@ -189,6 +191,7 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
                 controller.run_baselines()
                 final = controller.run()
                 summary = build_summary(cfg, rec, pool)
+                summary["rows"] += references
             finally:
                 pool.shutdown()
         rec.set("state", final)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 from optuna.trial import TrialState
 
 from evomerge.config import REPO_ROOT, config_from_dict
@@ -10,8 +13,8 @@ from evomerge.runner import RunOptions, run_experiment
 from evomerge.study import load
 
 
-def test_dfs_study_runs_inline(tiny_world, tmp_path):
-    cfg = config_from_dict({
+def _dfs_config(tiny_world):
+    return config_from_dict({
         "name": "dfs_tiny",
         "sources": [{"name": "a", "path": str(tiny_world["a"])}, {"name": "b", "path": str(tiny_world["b"])}],
         "search_space": {"kind": "dfs", "model_a": "a", "model_b": "b", "repeats": 2, "max_len": 8},
@@ -20,8 +23,20 @@ def test_dfs_study_runs_inline(tiny_world, tmp_path):
         "optimizer": {"sampler": "cmaes", "population": 4, "budget": {"trials": 8}},
         "resources": {"workers": 0},
     })
+
+
+def _ps_summary(path, task="tiny_add"):
+    path.write_text(json.dumps({"study": "ps_tiny", "rows": [
+        {"name": "a", "kind": "source", "fitness": {task: 0.1, "mean": 0.1}},
+        {"name": "evolved (trial 3)", "kind": "evolved", "fitness": {task: 0.5, "mean": 0.5}}]}))
+    return path
+
+
+def test_dfs_study_runs_inline(tiny_world, tmp_path):
+    cfg = _dfs_config(tiny_world)
     storage = f"sqlite:///{tmp_path / 'dfs.db'}"
-    summary = run_experiment(cfg, RunOptions(storage=storage, runs_dir=tmp_path, inline=True))
+    ps = _ps_summary(tmp_path / "ps_summary.json")
+    summary = run_experiment(cfg, RunOptions(storage=storage, runs_dir=tmp_path, inline=True, compare=(ps,)))
     rec = load("dfs_tiny", storage)
     assert set(rec.baselines()) == {"a", "b"}
     trials = [t for t in rec.study.get_trials() if "generation" in t.user_attrs]
@@ -29,7 +44,23 @@ def test_dfs_study_runs_inline(tiny_world, tmp_path):
     recipes = [recipe_from_dict(t.user_attrs["recipe"]) for t in trials]
     assert all(r.kind == "dfs" and 1 <= len(r.path) <= 8 and all(s > 0 for s in r.scales) for r in recipes)
     assert len({tuple((h.model, h.layer) for h in r.path) + tuple(r.scales) for r in recipes}) > 1
-    assert [r["kind"] for r in summary["rows"]] == ["source", "source", "evolved"]
+    assert [r["kind"] for r in summary["rows"]] == ["source", "source", "evolved", "baseline"]
+    assert summary["rows"][-1]["name"] == "ps_tiny: evolved (trial 3)"
+    assert summary["rows"][-1]["fitness"]["mean"] == 0.5 and summary["rows"][-1]["from"] == str(ps)
+
+
+def test_compare_with_other_tasks_is_refused_before_the_search(tiny_world, tmp_path):
+    import pytest
+
+    from evomerge.config import ConfigError
+
+    storage = f"sqlite:///{tmp_path / 'dfs.db'}"
+    opts = RunOptions(storage=storage, runs_dir=tmp_path, inline=True)
+    with pytest.raises(ConfigError, match="scored on .*other_task.*same fitness tasks"):
+        run_experiment(_dfs_config(tiny_world), replace(opts, compare=(_ps_summary(tmp_path / "s.json", "other_task"),)))
+    with pytest.raises(ConfigError, match="cannot read a summary.json"):
+        run_experiment(_dfs_config(tiny_world), replace(opts, compare=(tmp_path / "missing.json",)))
+    assert not (tmp_path / "dfs.db").exists()
 
 
 def test_dfs_space_must_name_sources(tiny_world):

@@ -12,11 +12,15 @@ from .data import write_tasks
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 REPO_TASKS = Path(__file__).resolve().parents[2] / "evaluators" / "toy"
 
-__all__ = ["ToyWorld", "build_toy_world", "format_score_table", "toy_world_path", "toy_tasks_path"]
+__all__ = ["ToyWorld", "build_toy_world", "format_score_table", "toy_cache_path", "toy_world_path", "toy_tasks_path"]
 
 
 def _home() -> Path:
     return Path(os.environ.get("EVOMERGE_HOME", Path.home() / ".cache" / "evomerge"))
+
+
+def toy_cache_path() -> Path:
+    return _home() / "toy"
 
 
 def toy_world_path() -> Path:
@@ -24,7 +28,7 @@ def toy_world_path() -> Path:
     (about two minutes) on first use."""
     if is_complete(FIXTURES):
         return FIXTURES
-    cache = _home() / "toy"
+    cache = toy_cache_path()
     if not is_complete(cache):
         tmp = cache.with_name(f"toy.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
