@@ -114,3 +114,25 @@ def test_scorer_matches_hf_generate(quick_world):
                                                        skip_special_tokens=True)]
     assert ours == ref
     assert score_exact_match(model, tok, prompts, ours) == 1.0
+
+
+def test_full_world_meets_its_quality_bar():
+    """Each expert is >= 30 points better than every other source on its own skill (held-out test
+    split, re-scored here, not read from build.json), and no source is good at both skills."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.toy import toy_world_path
+    from evomerge.toy.build import MODELS, ToyWorld, score_model
+
+    root = toy_world_path()  # builds the full world (a few minutes) if it is not cached yet
+    tok = build_tokenizer()
+    scores = {name: score_model(AutoModelForCausalLM.from_pretrained(root / name), tok) for name in MODELS}
+    assert scores == ToyWorld.load(root).scores  # what `evomerge toy build` printed is what the models do
+    for name, skill in MODELS.items():
+        if skill is None:
+            continue
+        own = scores[name][task_name(skill, "test")]
+        others = [s[task_name(skill, "test")] for other, s in scores.items() if other != name]
+        assert own - max(others) >= 0.30, (name, own, others)
+    for skill in SKILLS:
+        assert sum(s[task_name(skill, "test")] >= 0.9 for s in scores.values()) == 1, skill
