@@ -332,6 +332,11 @@ class Evaluator:
     def _lm_for(self, model, tokenizer) -> HFLM:
         """One HFLM per live model object: candidates rewrite its weights in place."""
         if self._lm is None or self._lm_owner[0] is not model or self._lm_owner[1] is not tokenizer:
+            gen = getattr(model, "generation_config", None)
+            if gen is not None and gen.max_new_tokens is not None:
+                # lm-eval sets max_length per request; a checkpoint's own max_new_tokens would win
+                # over it and make transformers warn on every batch
+                gen.max_new_tokens = None
             with _quiet(logging.ERROR):  # it warns that a model object was passed: we know
                 self._lm = _QuietHFLM(pretrained=model, tokenizer=tokenizer,
                                       batch_size=self.batch_size, max_length=self.max_length)
