@@ -8,6 +8,7 @@ a candidate the previous candidate's answers.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import hashlib
@@ -99,7 +100,30 @@ class _IndexList(list):
 
 
 class _QuietHFLM(HFLM):
-    """HFLM without progress bars: evaluate() gives no way to pass disable_tqdm."""
+    """HFLM without progress bars (evaluate() gives no way to pass disable_tqdm) that tokenizes
+    each prompt and each batch of prompts once: the same ones come back for every candidate."""
+
+    _CACHE_MAX = 1 << 16
+
+    def _cached(self, key, compute):
+        cache = self.__dict__.setdefault("_token_cache", {})
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) >= self._CACHE_MAX:
+                cache.clear()
+            hit = cache[key] = compute()
+        return hit
+
+    def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        key = ("encode", string, add_special_tokens, left_truncate_len, tuple(sorted(kwargs.items())))
+        return list(self._cached(key, lambda: super(_QuietHFLM, self).tok_encode(
+            string, add_special_tokens, left_truncate_len, **kwargs)))
+
+    def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
+        key = ("batch", tuple(strings), padding_side, left_truncate_len, truncation)
+        ids, mask = self._cached(key, lambda: super(_QuietHFLM, self).tok_batch_encode(
+            strings, padding_side, left_truncate_len, truncation))
+        return ids.clone(), mask.clone()
 
     def loglikelihood(self, requests, disable_tqdm=True):
         return super().loglikelihood(requests, disable_tqdm=True)
@@ -124,14 +148,17 @@ def _quiet(level: int = logging.WARNING):
     logger, task_logger = logging.getLogger("lm_eval"), logging.getLogger("lm_eval.api.task")
     old_level, old_tqdm = logger.level, lm_eval.api.task.tqdm
     bars_were_on = not datasets.are_progress_bars_disabled()
-    logger.setLevel(level)
+    relevel = logger.getEffectiveLevel() < level  # setLevel clears every logger's cache: not per candidate
+    if relevel:
+        logger.setLevel(level)
     task_logger.addFilter(_not_custom_kwargs_hint)
     lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
     datasets.disable_progress_bars()
     try:
         yield
     finally:
-        logger.setLevel(old_level)
+        if relevel:
+            logger.setLevel(old_level)
         task_logger.removeFilter(_not_custom_kwargs_hint)
         lm_eval.api.task.tqdm = old_tqdm
         if bars_were_on:
@@ -164,6 +191,56 @@ def _seed_fewshot_per_doc(task, seed: int) -> None:
         return inner(doc, *args, **kwargs)
 
     task.fewshot_context = fewshot_context
+
+
+def _memoize_requests(task) -> None:
+    """Requests depend on the docs and prompts, never on the model (few-shot draws are seeded per
+    doc): build each distinct request set once and give every later call fresh copies with empty
+    responses (and its config, serialized once). This is not lm-eval's response cache, which would replay the last model's answers."""
+    inner = task.build_all_requests
+    built: dict = {}
+
+    def build_all_requests(*, samples=None, **kwargs):
+        key = (None if samples is None else tuple(samples), repr(sorted(kwargs.items())))
+        if key not in built:
+            inner(samples=samples, **kwargs)
+            built[key] = [_fresh(i) for i in task._instances]
+        task._instances = [_fresh(i) for i in built[key]]
+
+    task.build_all_requests = build_all_requests
+    _memoize_docs(task)
+    config = task.dump_config()  # evaluate() serializes it on every call; it never changes here
+    task.dump_config = lambda: copy.deepcopy(config)
+
+
+def _memoize_docs(task) -> None:
+    """The same docs (the same objects, so targets can be looked up by identity) and their
+    targets for every candidate, instead of re-reading the dataset and re-rendering templates."""
+    inner_iter, inner_target = task.doc_iterator, task.doc_to_target
+    docs: dict = {}
+    targets: dict[int, tuple] = {}
+
+    def doc_iterator(*, rank=0, limit=None, world_size=1, samples=None):
+        key = (rank, limit, world_size, None if samples is None else tuple(samples))
+        if key not in docs:
+            docs[key] = list(inner_iter(rank=rank, limit=limit, world_size=world_size, samples=samples))
+        return iter(docs[key])
+
+    def doc_to_target(doc, doc_to_target=None):
+        if doc_to_target is not None:
+            return inner_target(doc, doc_to_target)
+        hit = targets.get(id(doc))
+        if hit is None or hit[0] is not doc:  # the doc object is kept, so its id is not reused
+            hit = targets[id(doc)] = (doc, inner_target(doc))
+        return hit[1]
+
+    task.doc_iterator, task.doc_to_target = doc_iterator, doc_to_target
+
+
+def _fresh(instance):
+    new = copy.copy(instance)
+    new.resps, new.filtered_resps = [], {}
+    return new
 
 
 def _unknown_task(name: str, manager: TaskManager, include_defaults: bool | None) -> str:
@@ -237,6 +314,7 @@ class Evaluator:
             task.set_config(key="num_fewshot", value=0)
         if task.get_config("num_fewshot"):
             _seed_fewshot_per_doc(task, self.seed)
+        _memoize_requests(task)
         aggregations = task.aggregation()
         filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
         self._keys[spec.name] = resolve_metric(

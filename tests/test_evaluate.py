@@ -121,6 +121,10 @@ def test_scoring_is_real_and_follows_in_place_weight_changes(model, tok, known_t
             p.add_(torch.randn(p.shape, generator=gen) * p.std().clamp(min=0.02))
         changed = ev.evaluate(model, tok)
         assert changed.fitness != result.fitness
+        # requests, docs, targets and tokenized prompts are reused across candidates: the answer
+        # must still be what a fresh evaluator says of this model
+        fresh = Evaluator([TaskSpec("tiny_add")], include_paths=[root], include_defaults=False)
+        assert fresh.evaluate(model, tok).scores == changed.scores
         for name, p in model.named_parameters():
             p.copy_(saved[name])
     assert ev.evaluate(model, tok).scores == result.scores
