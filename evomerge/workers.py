@@ -46,12 +46,14 @@ class CandidateWorker:
     """Sources, output model, tokenizer and evaluators, built once; `run` scores one job."""
 
     def __init__(self, snapshot: dict, worker_id: str = "w0") -> None:
+        import transformers
         from transformers import AutoTokenizer
 
         from evomerge.config import config_from_dict
         from evomerge.evaluate import Evaluator
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        transformers.utils.logging.disable_progress_bar()  # one bar per worker would cut into the run's progress lines
         self.cfg = cfg = config_from_dict(snapshot)
         if cfg.resources.torch_threads or cfg.resources.cpus_per_worker:
             torch.set_num_threads(max(1, int(cfg.resources.torch_threads or cfg.resources.cpus_per_worker)))
