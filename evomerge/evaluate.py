@@ -1,9 +1,9 @@
 """Scores candidate models with lm-eval, built once per worker and called for every candidate.
 
-Tasks, the seeded doc subset and the HFLM wrapper are built once; a candidate costs only request
-building, the model calls and the metrics. `lm_eval.evaluator.evaluate` is called directly:
-`simple_evaluate` shells out to pip and git on every call, and lm-eval's request cache would hand
-a candidate the previous candidate's answers.
+Tasks, the seeded doc subset, the requests, docs, targets, tokenized prompts and the HFLM wrapper
+are built once (none depends on the model); a candidate costs the model calls and the metrics.
+`lm_eval.evaluator.evaluate` is called directly: `simple_evaluate` shells out to pip and git on
+every call, and lm-eval's response cache would hand a candidate the previous candidate's answers.
 """
 
 from __future__ import annotations
@@ -196,7 +196,8 @@ def _seed_fewshot_per_doc(task, seed: int) -> None:
 def _memoize_requests(task) -> None:
     """Requests depend on the docs and prompts, never on the model (few-shot draws are seeded per
     doc): build each distinct request set once and give every later call fresh copies with empty
-    responses (and its config, serialized once). This is not lm-eval's response cache, which would replay the last model's answers."""
+    responses; serialize the task config once. This is not lm-eval's response cache, which would
+    replay the last model's answers."""
     inner = task.build_all_requests
     built: dict = {}
 

@@ -2,9 +2,9 @@
 
 The real controller runs in-process (`run_experiment` with `RunOptions(inline=True)`) on the toy
 demo's experiment (experiments/toy_ps.yaml: task arithmetic, one weight per model per layer
-group; its whole fitness and test splits unless `limit`/`test_limit` say less), for CMA-ES, TPE and random search and several seeds. At
-each checkpoint (25, 50, 100, 200 evaluations) the best-so-far trial by fitness is re-scored on the
-held-out test split (its recipe, stored on the trial, through a `CandidateWorker` with
+group; its whole fitness and test splits unless `limit`/`test_limit` say less), for CMA-ES, TPE
+and random search and several seeds. At each checkpoint (25, 50, 100, 200 evaluations) the
+best-so-far trial by fitness is re-scored on the held-out test split (its recipe, stored on the trial, through a `CandidateWorker` with
 `Job(split="test")`). Baselines, scored the same way in the same run: the method's default merge
 (every weight at its default) and the best single source.
 """
@@ -119,7 +119,7 @@ def main(quick: bool = False, samplers=SAMPLERS, seeds=None, checkpoints=None, l
         s = spread(results[sampler][checkpoints[-1]])
         rows.append(row(f"search {sampler}: best test score after {checkpoints[-1]} evaluations vs the default merge",
                         s["mean"], "test exact match (mean of tasks)", default, "(context: no goal set)", None,
-                        ratio=s["mean"] / default if default else None, std=s["std"], 
+                        ratio=s["mean"] / default if default else None, std=s["std"],
                         per_seed=results[sampler][checkpoints[-1]]))
     return rows
 
