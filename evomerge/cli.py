@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "print each model's score on each task")
     b.add_argument("--out", default=None,
                    help="output directory (default: $EVOMERGE_HOME/toy, EVOMERGE_HOME defaulting to "
-                        "~/.cache/evomerge); the demo and the tests use the world found there")
+                        "~/.cache/evomerge). The demo and `toy:NAME` sources use the committed world "
+                        "unless EVOMERGE_TOY_WORLD names another one")
     b.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     b.set_defaults(func=cmd_toy_build)
     _add_export_parsers(sub)
@@ -343,11 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     from evomerge.recipe import RecipeError
     from evomerge.sources import SourceError
     from evomerge.study import StudyError
+    from evomerge.toy import ToyWorldError
     from evomerge.trials import TrialsError
 
     try:
         return args.func(args)
-    except (ConfigError, SourceError, StudyError, RecipeError, ExportError, MergeError, TrialsError) as exc:
+    except (ConfigError, SourceError, StudyError, RecipeError, ExportError, MergeError, TrialsError,
+            ToyWorldError) as exc:
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -52,9 +52,12 @@ class SourceRef:
 def resolve_path(ref: SourceRef, *, allow_pickle: bool = False) -> Path:
     """A local directory for `ref`; hub ids are downloaded only when the hub is reachable."""
     if ref.path.startswith("toy:"):
-        from evomerge.toy import toy_world_path
+        from evomerge.toy import ToyWorldError, toy_world_path
 
-        return toy_world_path() / ref.path[4:]
+        try:
+            return toy_world_path() / ref.path[4:]
+        except ToyWorldError as exc:
+            raise SourceError(f"source {ref.name!r}: {exc}") from exc
     local = Path(ref.path).expanduser()
     if local.exists():
         if not local.is_dir():

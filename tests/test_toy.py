@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,25 @@ def test_full_world_meets_its_quality_bar():
         assert own - max(others) >= 0.30, (name, own, others)
     for skill in SKILLS:
         assert sum(s[task_name(skill, "test")] >= 0.9 for s in scores.values()) == 1, skill
+
+
+def test_a_chosen_world_is_used_or_refused_with_the_fix(quick_world, tmp_path, monkeypatch):
+    from evomerge.cli import main
+    from evomerge.sources import SourceError, SourceRef, resolve_path
+    from evomerge.toy import WORLD_ENV, ToyWorldError, toy_world_path
+
+    monkeypatch.setenv(WORLD_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(ToyWorldError, match="evomerge toy build --out"):
+        toy_world_path()
+    with pytest.raises(SourceError, match="source 'b'.*EVOMERGE_TOY_WORLD"):
+        resolve_path(SourceRef("b", "toy:base"))
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    # a quick world is never taken for a complete one
+    monkeypatch.setenv(WORLD_ENV, str(quick_world.root))
+    with pytest.raises(ToyWorldError):
+        toy_world_path()
+    monkeypatch.delenv(WORLD_ENV)
+    copy = tmp_path / "rebuilt"
+    shutil.copytree(toy_world_path(), copy)
+    monkeypatch.setenv(WORLD_ENV, str(copy))
+    assert toy_world_path() == copy and resolve_path(SourceRef("b", "toy:base")) == copy / "base"

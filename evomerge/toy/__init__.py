@@ -12,7 +12,7 @@ from .data import write_tasks
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 REPO_TASKS = Path(__file__).resolve().parents[2] / "evaluators" / "toy"
 
-__all__ = ["ToyWorld", "build_toy_world", "format_score_table", "toy_cache_path", "toy_world_path", "toy_tasks_path"]
+__all__ = ["ToyWorld", "ToyWorldError", "build_toy_world", "format_score_table", "toy_cache_path", "toy_world_path", "toy_tasks_path"]
 
 
 def _home() -> Path:
@@ -23,9 +23,22 @@ def toy_cache_path() -> Path:
     return _home() / "toy"
 
 
+WORLD_ENV = "EVOMERGE_TOY_WORLD"
+
+
+class ToyWorldError(Exception):
+    """The toy world named by the user cannot be used; the message says how to fix it."""
+
+
 def toy_world_path() -> Path:
-    """The committed fixtures if complete, else the user cache ($EVOMERGE_HOME/toy), built there
-    (about two minutes) on first use."""
+    """$EVOMERGE_TOY_WORLD if set (a world from `evomerge toy build --out DIR`), else the committed
+    fixtures if complete, else the user cache ($EVOMERGE_HOME/toy), built there on first use."""
+    chosen = os.environ.get(WORLD_ENV)
+    if chosen:
+        if not is_complete(Path(chosen)):
+            raise ToyWorldError(f"{WORLD_ENV}={chosen} is not a complete toy world of this version; "
+                                    f"build one there with `evomerge toy build --out {chosen}` or unset {WORLD_ENV}")
+        return Path(chosen)
     if is_complete(FIXTURES):
         return FIXTURES
     cache = toy_cache_path()
