@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-
 from evomerge.space import Dim, DimVector, SpaceError
 from evomerge.sources import SourceRef
 

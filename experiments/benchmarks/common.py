@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import statistics
 import time
@@ -55,15 +54,6 @@ def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
     finally:
         torch.set_num_threads(threads)
     return 2 * nbytes / best
-
-
-def weights_digest(model) -> str:
-    """sha256 of a model's parameters in name order (the same digest as mergekit_runner.py's)."""
-    digest = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        digest.update(name.encode())
-        digest.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def spread(values: Sequence[float]) -> dict:

@@ -33,7 +33,9 @@ from evomerge.groups import Granularity
 from evomerge.materialize import Materializer
 from evomerge.sources import SourceRef, SourceSet, open_sources
 from evomerge.space import ParamRange, PSSpace
-from experiments.benchmarks.common import copy_bandwidth, row, timed, weights_digest
+from experiments.benchmarks.common import copy_bandwidth, row, timed
+# the digest mergekit_runner.py computes in mergekit's venv (that file runs on its own there)
+from experiments.benchmarks.mergekit_runner import weights_digest
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = {
