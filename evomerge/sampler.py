@@ -1,9 +1,23 @@
 """Samplers behind one small interface: propose a generation, learn from its results.
 
+Every sampler evomerge offers replays: a study killed at any point (SIGKILL included) and
+resumed proposes, trial for trial, what an uninterrupted one would, given the same seed and
+population (with no `population` configured, TPE's and random search's follow the worker count,
+so resume those with the same --workers).
+
 CMA-ES is a thin layer over the `cmaes` library whose state lives in the study and whose every
-random draw derives from (seed, generation), so a killed and resumed study proposes exactly
-what an uninterrupted one would (Optuna's CmaEsSampler draws per-trial seeds from a
-process-local generator and cannot promise that). TPE and random come from Optuna as they are.
+random draw derives from (seed, generation) (Optuna's CmaEsSampler draws per-trial seeds from a
+process-local generator and cannot promise that).
+
+TPE and random search are Optuna's own samplers, kept free of process state: generation g is
+drawn whole on a scratch in-memory study that holds only the COMPLETE candidates of generations
+before g (in generation, index order), candidate i by a sampler freshly seeded with
+derived_seed(seed, "generation", g, "index", i), after candidates 0..i-1 of g, which stay RUNNING
+there (TPE's constant liar keeps a batch apart). A proposal thus depends on the seed, the
+population and the finished earlier generations only: not on when the controller was killed, on
+candidates of g that finished before a crash, on trials a crash left behind (RUNNING, or closed
+as FAIL on resume), nor on FAIL candidates (neither sampler learns from a FAIL trial). Each
+proposal reaches the study pre-filled, as CMA-ES's do, when it is dispatched.
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ from typing import Protocol
 import numpy as np
 import optuna
 from cmaes import CMA
+from optuna.trial import TrialState
 
 from evomerge.space import PSSpace
 
@@ -51,6 +66,10 @@ class GenerationSampler(Protocol):
 
     def update(self, generation: int, state: dict | None, results: list[tuple[Proposal, float | None]]) -> dict: ...
 
+    def state_problem(self, state: dict | None) -> str | None:
+        """Why a study's stored sampler state (its `sampler_state`) cannot be continued by this
+        sampler, in one sentence, or None when it can (no state yet always can)."""
+
 
 class CmaSampler:
     """CMA-ES in [0, 1]^n over the space's normalized parameters, maximizing fitness."""
@@ -71,6 +90,22 @@ class CmaSampler:
         if not state:
             return self._fresh()
         return pickle.loads(base64.b64decode(state["cma"]))
+
+    def state_problem(self, state: dict | None) -> str | None:
+        if not state:
+            return None
+        here = f"this experiment has population {self.population} and {len(self.space.dims)} parameters"
+        if "cma" not in state:
+            return (f"the stored sampler state is not a CMA-ES state (the study was run with the "
+                    f"{state.get('sampler', 'tpe or random')} sampler); this experiment uses cmaes")
+        try:
+            opt = self._load(state)
+            stored = (int(opt.population_size), int(opt.dim))
+        except Exception as exc:  # unpickling a foreign or damaged value can raise anything
+            return f"the stored CMA-ES state cannot be read ({type(exc).__name__}: {exc}); {here}"
+        if stored != (self.population, len(self.space.dims)):
+            return f"the stored CMA-ES state has population {stored[0]} and {stored[1]} parameters; {here}"
+        return None
 
     def propose(self, generation: int, state: dict | None, study: optuna.Study,
                 missing: list[int]) -> list[Proposal]:
@@ -96,26 +131,55 @@ class CmaSampler:
 class OptunaSampler:
     """TPE or random search through Optuna's own samplers; a 'generation' is a batch of trials.
 
-    The trials are created here (Optuna's samplers only work through study.ask), so each
-    proposal carries its trial number. These samplers do not promise replay after a crash.
+    Proposals are drawn on a scratch study (see the module docstring), never on the study itself,
+    so they come out the same after a resume; the controller creates their trials pre-filled.
     """
 
     def __init__(self, kind: str, space: PSSpace, seed: int, population: int) -> None:
-        self.name, self.space, self.population = kind, space, population
-        self.optuna_sampler = (optuna.samplers.TPESampler(seed=seed, multivariate=True) if kind == "tpe"
-                               else optuna.samplers.RandomSampler(seed=seed))
+        if kind not in ("tpe", "random"):
+            raise ValueError(f"unknown Optuna sampler {kind!r}; evomerge offers tpe and random")
+        self.name, self.space, self.seed, self.population = kind, space, seed, population
+
+    def fresh_sampler(self, generation: int, index: int) -> optuna.samplers.BaseSampler:
+        """The sampler that draws candidate `index` of `generation`, seeded from those alone."""
+        seed = derived_seed(self.seed, "generation", generation, "index", index)
+        if self.name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+        return optuna.samplers.RandomSampler(seed=seed)
 
     def propose(self, generation: int, state: dict | None, study: optuna.Study,
                 missing: list[int]) -> list[Proposal]:
+        """The whole generation is drawn (so it is the same after a resume), then filtered."""
+        storage = optuna.storages.InMemoryStorage()  # not create_study: that logs every generation
+        storage.create_new_study([study.direction], "proposals")
+        scratch = optuna.load_study(study_name="proposals", storage=storage)
+        earlier = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                          if t.user_attrs.get("generation", generation) < generation),
+                         key=lambda t: (t.user_attrs["generation"], t.user_attrs["index"]))
+        scratch.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions,
+                                                      value=t.value) for t in earlier])
         dists = self.space.distributions()
-        proposals = []
-        for i in missing:
-            trial = study.ask(dists)
-            proposals.append(Proposal(i, dict(trial.params), trial.number))
+        wanted, proposals = set(missing), []
+        for i in range(max(wanted, default=-1) + 1):  # later indices cannot change earlier ones
+            scratch.sampler = self.fresh_sampler(generation, i)
+            params = dict(scratch.ask(dists).params)
+            if i in wanted:
+                proposals.append(Proposal(i, params))
         return proposals
 
     def update(self, generation: int, state: dict | None, results: list[tuple[Proposal, float | None]]) -> dict:
-        return {"generation": generation + 1}
+        return {"generation": generation + 1, "sampler": self.name}
+
+    def state_problem(self, state: dict | None) -> str | None:
+        """These samplers keep nothing but a generation count; a state another sampler wrote does not fit."""
+        if not state:
+            return None
+        if "cma" in state:
+            return f"the stored sampler state is a CMA-ES state; this experiment uses the {self.name} sampler"
+        stored = state.get("sampler", self.name)
+        if stored != self.name:
+            return f"the stored sampler state is the {stored} sampler's; this experiment uses the {self.name} sampler"
+        return None
 
 
 def make_sampler(kind: str, space: PSSpace, seed: int, population: int | None, workers: int) -> GenerationSampler:
@@ -125,7 +189,6 @@ def make_sampler(kind: str, space: PSSpace, seed: int, population: int | None, w
 
 
 def study_sampler(sampler: GenerationSampler) -> optuna.samplers.BaseSampler:
-    """The sampler the Optuna study object is loaded with (CMA-ES trials arrive pre-filled)."""
-    if isinstance(sampler, OptunaSampler):
-        return sampler.optuna_sampler
+    """The sampler the Optuna study object is loaded with: never used for a candidate, since every
+    sampler's proposals arrive pre-filled (enqueued), so a fixed one keeps the study state-free."""
     return optuna.samplers.RandomSampler(seed=0)

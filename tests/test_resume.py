@@ -94,20 +94,47 @@ def test_kill_and_resume_replays_the_uninterrupted_study(tmp_path, uninterrupted
     assert "finished" in status.stdout and f"trials {BUDGET}/{BUDGET}" in status.stdout
 
 
-def test_second_controller_is_refused(tmp_path):
+# -- TPE and random search replay too (issue #14) --------------------------------------------------
+# Budget 16 with population 4 reaches TPE's model-based phase (it samples at random until 10 trials
+# are complete), so generation 3 is proposed by the Parzen estimators with its earlier candidates
+# as constant-liar RUNNING trials; the crash points land in the random phase and inside that generation.
+
+OPTUNA_BUDGET = 16
+
+
+def _write_optuna_experiment(tmp_path, name: str, sampler: str) -> str:
+    path = tmp_path / f"{name}.yaml"
+    cfg = yaml.safe_load(open(_write_experiment(tmp_path, name)))
+    cfg["optimizer"].update(sampler=sampler, budget={"trials": OPTUNA_BUDGET})
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("sampler, crash_points", [
+    ("tpe", ["ask:2", "tell:12"]),  # mid-generation 0, then mid-generation 3 (TPE's model phase)
+    ("random", ["score:3", "update:1"]),  # a dispatched trial, then right after a generation's update
+])
+def test_kill_and_resume_replays_optuna_samplers(tmp_path, sampler, crash_points):
     from evomerge.config import load_config
     from evomerge.runner import RunOptions, run_experiment
-    from evomerge.status import controller_identity
-    from evomerge.study import StudyError, create_or_load
 
-    exp = _write_experiment(tmp_path, "busy")
-    storage = f"sqlite:///{tmp_path / 'busy.db'}"
-    rec = create_or_load("busy", storage)
-    rec.set("state", "running")
-    rec.set("controller", {**controller_identity(), "host": "elsewhere"})
-    rec.heartbeat()
-    with pytest.raises(StudyError, match="already being run"):
-        run_experiment(load_config(exp), RunOptions(storage=storage, inline=True))
-    rec.set("heartbeat", 0.0)
-    with pytest.raises(StudyError, match="--takeover"):
-        run_experiment(load_config(exp), RunOptions(storage=storage, inline=True))
+    exp = _write_optuna_experiment(tmp_path, "optuna_resumable", sampler)
+    clean_storage = f"sqlite:///{tmp_path / 'clean.db'}"
+    run_experiment(load_config(exp), RunOptions(storage=clean_storage, workers=0, runs_dir=tmp_path),
+                   printer=lambda _: None)
+    uninterrupted = _trials(clean_storage, "optuna_resumable")
+    assert len(uninterrupted) == OPTUNA_BUDGET
+
+    storage, study = f"sqlite:///{tmp_path / 'killed.db'}", "optuna_resumable"
+    first = _evomerge(["run", exp, "--study", study, "--storage", storage, "--workers", "0"],
+                      crash_at=crash_points[0])
+    assert first.returncode == -9, first.stderr[-2000:]
+    for point in crash_points[1:]:
+        again = _evomerge(["resume", study, "--storage", storage, "--workers", "0"], crash_at=point)
+        assert again.returncode == -9, again.stderr[-2000:]
+    final = _evomerge(["resume", study, "--storage", storage, "--workers", "0"])
+    assert final.returncode == 0, final.stderr[-2000:]
+    got = _trials(storage, study)  # also: no trial outside the candidates (no orphans left by a crash)
+    assert [t[:2] for t in got] == [t[:2] for t in uninterrupted]  # nothing lost, nothing duplicated
+    assert got == uninterrupted  # same parameters and values, trial for trial
+    assert len({t[4] for t in got}) == OPTUNA_BUDGET  # no candidate repeats another
