@@ -4,6 +4,11 @@ Tasks, the seeded doc subset, the requests, docs, targets, tokenized prompts and
 are built once (none depends on the model); a candidate costs the model calls and the metrics.
 `lm_eval.evaluator.evaluate` is called directly: `simple_evaluate` shells out to pip and git on
 every call, and lm-eval's response cache would hand a candidate the previous candidate's answers.
+
+Prompts are lm-eval's own: each doc's few-shot examples are the ones `simple_evaluate` (few-shot
+seed = the evaluator's seed) draws for it when it evaluates the same subset (`samples=`; all docs
+when there is no limit), drawn once and then reused, so a doc's prompt does not depend on the
+candidate or on the shard it is scored in.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import logging
 import math
 import numbers
+import os
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -26,6 +32,8 @@ from pathlib import Path
 import lm_eval.api.task
 import lm_eval.evaluator
 import lm_eval.utils
+import numpy as np
+import torch
 from lm_eval.api.metrics import mean as lm_eval_mean
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
@@ -37,6 +45,12 @@ Shard = dict[str, list[int]]
 
 class EvaluatorError(Exception):
     """A task, metric or shard that cannot be evaluated, with the fix in the message."""
+
+
+class TaskError(EvaluatorError, ValueError):
+    """The configured tasks cannot be built or scored as asked (unknown task, dataset not
+    available, metric not reported, bad limit): a configuration error, raised while the
+    evaluator is built (so by `validate_tasks`) and never per candidate."""
 
 
 @dataclass(frozen=True)
@@ -179,22 +193,50 @@ def _cache_jinja_templates() -> None:
     lm_eval.utils.apply_template = apply_template
 
 
-def _seed_fewshot_per_doc(task, seed: int) -> None:
-    """Draw each doc's few-shot examples from a generator seeded by (seed, doc), so a doc gets the
-    same prompt whichever candidate, shard or subset it is evaluated in."""
-    inner = task.fewshot_context
+def _fix_fewshot_draws(task, seed: int, indices: Sequence[int]) -> None:
+    """Make each doc's few-shot examples the ones lm-eval draws for it when it evaluates
+    `indices` (as `simple_evaluate(samples=...)` does: its sampler seeded with `seed` once, then
+    one draw per doc in doc order), whichever shard or candidate the doc is later scored in.
+
+    lm-eval's draws are sequential, so a doc's examples depend on every doc before it: scored
+    alone (a shard) it would get other examples. The draws are therefore made once here, through
+    lm-eval's own sampler and `fewshot_context`, and replayed by doc index afterwards."""
+    sampler = getattr(task, "sampler", None)
+    if sampler is None:
+        raise TaskError(
+            f"{task.config.task}: few-shot prompts need a task with few-shot docs (a YAML task with "
+            "a training, validation or fewshot split); set num_fewshot to 0 or null"
+        )
+    index_of: dict[int, tuple[object, int]] = task._evomerge_doc_index
+    inner_sample, inner_context = sampler.sample, task.fewshot_context
+    drawn: dict[tuple[int, int], list] = {}
+    current: list[int | None] = [None]
+
+    def sample(n, *args, **kwargs):
+        if current[0] is None:  # a doc that is not one of the evaluated docs: lm-eval's draw
+            return inner_sample(n, *args, **kwargs)
+        key = (current[0], n)
+        if key not in drawn:
+            drawn[key] = list(inner_sample(n, *args, **kwargs))
+        return list(drawn[key])
 
     def fewshot_context(doc, *args, **kwargs):
-        text = json.dumps(doc, sort_keys=True, default=str)
-        digest = hashlib.sha256(f"{seed}\0{text}".encode()).digest()
-        task.set_fewshot_seed(int.from_bytes(digest[:8], "little"))
-        return inner(doc, *args, **kwargs)
+        hit = index_of.get(id(doc))
+        current[0] = hit[1] if hit is not None and hit[0] is doc else None
+        try:
+            return inner_context(doc, *args, **kwargs)
+        finally:
+            current[0] = None
 
-    task.fewshot_context = fewshot_context
+    sampler.sample, task.fewshot_context = sample, fewshot_context
+    task.set_fewshot_seed(seed)  # as simple_evaluate does right after building the task
+    n = task.get_config("num_fewshot")
+    for _, doc in task.doc_iterator(samples=indices):
+        fewshot_context(doc, num_fewshot=n, gen_prefix=task.doc_to_prefix(doc))
 
 
 def _memoize_requests(task) -> None:
-    """Requests depend on the docs and prompts, never on the model (few-shot draws are seeded per
+    """Requests depend on the docs and prompts, never on the model (few-shot draws are fixed per
     doc): build each distinct request set once and give every later call fresh copies with empty
     responses; serialize the task config once. This is not lm-eval's response cache, which would
     replay the last model's answers."""
@@ -216,15 +258,19 @@ def _memoize_requests(task) -> None:
 
 def _memoize_docs(task) -> None:
     """The same docs (the same objects, so targets can be looked up by identity) and their
-    targets for every candidate, instead of re-reading the dataset and re-rendering templates."""
+    targets for every candidate, instead of re-reading the dataset and re-rendering templates.
+    `task._evomerge_doc_index` maps a served doc's id to (doc, its index among the eval docs)."""
     inner_iter, inner_target = task.doc_iterator, task.doc_to_target
     docs: dict = {}
     targets: dict[int, tuple] = {}
+    task._evomerge_doc_index = index_of = {}
 
     def doc_iterator(*, rank=0, limit=None, world_size=1, samples=None):
         key = (rank, limit, world_size, None if samples is None else tuple(samples))
         if key not in docs:
             docs[key] = list(inner_iter(rank=rank, limit=limit, world_size=world_size, samples=samples))
+            for position, doc in docs[key]:  # lm-eval numbers sampled docs by position
+                index_of[id(doc)] = (doc, samples[position] if samples else position)
         return iter(docs[key])
 
     def doc_to_target(doc, doc_to_target=None):
@@ -244,14 +290,43 @@ def _fresh(instance):
     return new
 
 
-def _unknown_task(name: str, manager: TaskManager, include_defaults: bool | None) -> str:
+def _unknown_task(name: str, manager: TaskManager, include_defaults: bool | None, label: str) -> str:
     close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.5)
-    where = f"include_paths {manager.include_path or []}"
+    where = f"{label} {manager.include_path or []}"
     where += " and the built-in tasks" if include_defaults is not False else " (built-ins off)"
     return (
         f"unknown lm-eval task {name!r}: check the spelling, or add the directory holding its "
-        f"YAML to include_paths (searched {where})."
+        f"YAML to {label} (searched {where})."
         + (f" Close names: {', '.join(close)}." if close else "")
+    )
+
+
+def _hub_offline() -> bool:
+    import datasets
+
+    flags = (os.environ.get(k, "") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    return bool(datasets.config.HF_HUB_OFFLINE) or any(f.upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
+
+
+def _dataset_unavailable(name: str, cfg: Mapping, exc: BaseException, label: str) -> str | None:
+    """The fix when `exc` says the hub dataset of task `name` (config `cfg`) cannot be loaded."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    path = cfg.get("dataset_path")
+    if not path or cfg.get("custom_dataset") or not any(isinstance(e, OSError) for e in chain):
+        return None
+    dataset = repr(path) + (f" (config {cfg['dataset_name']!r})" if cfg.get("dataset_name") else "")
+    why = ("is not in the local Hugging Face datasets cache and offline mode is on "
+           "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)" if _hub_offline()
+           else f"could not be loaded ({type(exc).__name__}: {exc})")
+    return (
+        f"lm-eval task {name!r}: its dataset {dataset} {why}. Download it once where the hub is "
+        f"reachable (same HF_HOME / HF_DATASETS_CACHE), or point the task at local files: copy its "
+        f"YAML into a directory listed in {label}, give it a new task name, and set "
+        "`dataset_path: json` with `dataset_kwargs: {data_files: {test: /path/to/test.jsonl}}` "
+        "(one entry per split the task uses; drop dataset_name)."
     )
 
 
@@ -266,11 +341,17 @@ class Evaluator:
         batch_size: int | str = 64,
         include_defaults: bool | None = None,
         max_length: int | None = None,
+        *,
+        include_label: str = "include_paths",
     ):
+        """`seed` fixes the doc subset and lm-eval's few-shot draws (its `fewshot_random_seed`).
+        `include_label` is what error messages call `include_paths` (e.g. "fitness.include").
+        Configuration errors raise `TaskError`."""
         self.tasks = tuple(tasks)
         names = [spec.name for spec in self.tasks]
         if not names or len(set(names)) != len(names):
-            raise EvaluatorError(f"need one or more distinct task names, got {names}")
+            raise TaskError(f"need one or more distinct task names, got {names}")
+        self._include_label = include_label
         self.seed, self.batch_size, self.max_length = seed, batch_size, max_length
         _cache_jinja_templates()
         with _quiet():
@@ -280,16 +361,22 @@ class Evaluator:
         self._mean_metrics: dict[str, set[str]] = {}
         self.subset: Shard = {}
         for spec in self.tasks:
-            self._prepare(spec, self._tasks[spec.name])
+            try:
+                self._prepare(spec, self._tasks[spec.name])
+            except TaskError:
+                raise
+            except EvaluatorError as exc:
+                raise TaskError(str(exc)) from exc
         self._lm: HFLM | None = None
         self._lm_owner: tuple[object, object] | None = None
 
     def _load(self, paths: list[Path], include_defaults: bool | None, names: list[str]) -> dict:
         """The default index costs ~9 s, so with include_defaults=None it is only built when a
         task is not in the include paths."""
+        label = self._include_label
         for path in paths:
             if not path.is_dir():
-                raise EvaluatorError(f"include path {str(path)!r} is not a directory")
+                raise TaskError(f"{label}: {str(path)!r} is not a directory")
         include = [str(p) for p in paths] or None
         manager = TaskManager(include_path=include, include_defaults=bool(include_defaults))
         missing = [n for n in names if n not in manager.all_tasks]
@@ -297,24 +384,26 @@ class Evaluator:
             manager = TaskManager(include_path=include, include_defaults=True)
             missing = [n for n in names if n not in manager.all_tasks]
         if missing:
-            raise EvaluatorError(_unknown_task(missing[0], manager, include_defaults))
-        try:
-            loaded = manager.load(names)["tasks"]
-        except Exception as exc:
-            raise EvaluatorError(f"could not build lm-eval tasks {names}: {exc}") from exc
-        for name in names:
+            raise TaskError(_unknown_task(missing[0], manager, include_defaults, label))
+        loaded = {}
+        for name in names:  # one by one, so an error names its task
+            try:
+                loaded.update(manager.load([name])["tasks"])
+            except Exception as exc:
+                entry = getattr(manager, "task_index", {}).get(name)
+                hint = _dataset_unavailable(name, (entry.cfg if entry else None) or {}, exc, label)
+                raise TaskError(hint or f"could not build lm-eval task {name!r}: {exc}") from exc
             if name not in loaded:
-                raise EvaluatorError(f"{name!r} is a group or tag; name its tasks one by one")
+                raise TaskError(f"{name!r} is a group or tag; name its tasks one by one")
         return loaded
 
     def _prepare(self, spec: TaskSpec, task) -> None:
-        """Fix the task's few-shot count, its scored metric key and its seeded doc subset."""
+        """Fix the task's few-shot count and draws, its scored metric key and its seeded doc
+        subset."""
         if spec.num_fewshot is not None:
             task.set_config(key="num_fewshot", value=spec.num_fewshot)
         elif task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
-        if task.get_config("num_fewshot"):
-            _seed_fewshot_per_doc(task, self.seed)
         _memoize_requests(task)
         aggregations = task.aggregation()
         filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
@@ -330,6 +419,8 @@ class Evaluator:
         else:
             rng = random.Random(f"{self.seed}:{spec.name}")
             self.subset[spec.name] = _IndexList(rng.sample(range(n_docs), spec.limit))
+        if task.get_config("num_fewshot"):
+            _fix_fewshot_draws(task, self.seed, self.subset[spec.name])
 
     def shards(self, n: int) -> list[Shard]:
         """Split the subset into at most `n` non-empty shards, dealt round-robin over all
@@ -349,17 +440,25 @@ class Evaluator:
             shards[k % len(shards)].setdefault(task, []).append(i)
         return shards
 
-    def evaluate(self, model, tokenizer, shard: Shard | None = None) -> EvalResult:
+    def evaluate(self, model, tokenizer, shard: Shard | None = None, seed: int | None = None) -> EvalResult:
         """Score `model` on the subset (or on one shard: then `docs` holds per-doc values and
-        `fitness` is NaN until combine())."""
+        `fitness` is NaN until combine()).
+
+        `seed` (e.g. derived from the experiment seed and the candidate) makes sampling tasks
+        (`do_sample: true`) repeatable: right before the model runs, Python's `random`, NumPy and
+        torch (CPU and every CUDA device) are seeded from (seed, the docs being scored), so a
+        result depends only on the model, `seed` and the shard, never on what this process ran
+        before. Sampled answers still depend on how docs are batched, so a sampling task scored
+        in shards is not the unsharded result bit for bit (greedy tasks are). None leaves the
+        global generators alone. The few-shot prompts never depend on `seed`."""
         start = time.perf_counter()
         samples = self.subset if shard is None else self._check_shard(shard)
         tasks = {name: task for name, task in self._tasks.items() if samples.get(name)}
         out = {"results": {}, "samples": {}}
         if tasks:  # lm-eval reads an empty index list as "every doc", so empty tasks are dropped
             lm = self._lm_for(model, tokenizer)
-            for task in tasks.values():
-                task.set_fewshot_seed(self.seed)
+            if seed is not None:
+                _seed_generators(_derived_seed(seed, {name: samples[name] for name in tasks}))
             with _quiet():
                 out = lm_eval.evaluator.evaluate(
                     lm=lm,
@@ -432,6 +531,33 @@ class Evaluator:
                     values = docs.setdefault(task, {}).setdefault(f"{metric},{ex['filter']}", {})
                     values[ex["doc_id"]] = float(ex[metric])
         return docs
+
+
+def _derived_seed(seed: int, samples: Mapping[str, Sequence[int]]) -> int:
+    """A 32-bit seed (NumPy's limit) from `seed` and the docs scored, stable across processes."""
+    docs = json.dumps({task: [int(i) for i in idx] for task, idx in sorted(samples.items())})
+    digest = hashlib.sha256(f"{int(seed)}\0{docs}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _seed_generators(seed: int) -> None:
+    """Seed what `simple_evaluate` seeds (Python, NumPy, torch), CUDA devices included."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def validate_tasks(
+    specs: Sequence[TaskSpec], include_paths: Sequence[str | Path] = (), *, field: str = "fitness"
+) -> None:
+    """Raise TaskError (a ValueError) naming the fix when `specs` cannot be evaluated: an unknown
+    task (close names suggested; messages call the include paths `{field}.include`), a dataset
+    that cannot be loaded (offline and not cached), a group given as a task, a metric the task
+    does not report, a bad limit. It builds the tasks exactly as a worker's Evaluator does (the
+    built-in index, ~10 s, only when a task is not in `include_paths`) and discards them."""
+    Evaluator(specs, include_paths=include_paths, include_label=f"{field}.include")
 
 
 def combine_docs(parts: Sequence[Mapping[str, Mapping[str, Mapping[int, float]]]]) -> dict[str, dict[str, float]]:

@@ -11,12 +11,19 @@ os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_HF_TMP, "datasets"))
 
 import json  # noqa: E402
 import math  # noqa: E402
+import random  # noqa: E402
 import shutil  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import datasets  # noqa: E402
+import lm_eval  # noqa: E402
+import lm_eval.api.model  # noqa: E402
+import lm_eval.evaluator  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from evomerge import evaluate as evaluate_module  # noqa: E402
@@ -252,3 +259,157 @@ def test_fitness_of_and_metric_keys():
         fitness_of(scores, [TaskSpec("b")])  # two filters: name one
     assert resolve_metric("exact_match", ["exact_match,strict"]) == "exact_match,strict"
     assert isinstance(EvalResult({}, math.nan, 0.0).docs, dict)
+
+
+class _RecordingLM(lm_eval.api.model.LM):
+    """Answers every request with "x" and keeps the prompts lm-eval hands it, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+
+    def generate_until(self, requests, disable_tqdm=False):
+        self.requests += requests
+        return ["x"] * len(requests)
+
+    def loglikelihood(self, requests, disable_tqdm=False):
+        self.requests += requests
+        return [(0.0, False)] * len(requests)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        self.requests += requests
+        return [0.0] * len(requests)
+
+    def prompts(self, indices=None):
+        """doc index -> prompt; lm-eval numbers the docs of `samples=` by position."""
+        return {(indices[r.doc_id] if indices else r.doc_id): r.args[0] for r in self.requests}
+
+
+def _lm_eval_prompts(monkeypatch, name, seed, num_fewshot, samples=None):
+    """The prompts lm-eval itself builds: simple_evaluate with the same few-shot seed."""
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)  # metadata only
+    monkeypatch.setattr(lm_eval.evaluator, "get_git_commit_hash", lambda: None)
+    lm = _RecordingLM()
+    lm_eval.simple_evaluate(
+        model=lm, tasks=[name], num_fewshot=num_fewshot, fewshot_random_seed=seed,
+        task_manager=TaskManager(include_path=[str(TASKS)], include_defaults=False),
+        samples=None if samples is None else {name: list(samples)},
+        bootstrap_iters=0, log_samples=False,
+    )
+    return lm.prompts(None if samples is None else list(samples))
+
+
+def _evomerge_prompts(monkeypatch, ev, shard=None):
+    lm = _RecordingLM()
+    monkeypatch.setattr(ev, "_lm_for", lambda model, tokenizer: lm)
+    ev.evaluate(None, None, shard=shard)
+    samples = ev.subset if shard is None else shard
+    return lm.prompts(list(samples["tiny_add"]))
+
+
+@pytest.mark.parametrize("seed,limit", [(1234, None), (7, 12)])
+def test_fewshot_prompts_are_lm_evals_own(monkeypatch, seed, limit):
+    """Every prompt is the one lm-eval's own simple_evaluate builds for the same docs (all of
+    them, or the seeded subset via samples=) with the same few-shot seed, also in a shard."""
+    ev = Evaluator([TaskSpec("tiny_add", num_fewshot=2, limit=limit)], include_paths=[TASKS],
+                   seed=seed, include_defaults=False)
+    subset = ev.subset["tiny_add"]
+    ours = _evomerge_prompts(monkeypatch, ev)
+    theirs = _lm_eval_prompts(monkeypatch, "tiny_add", seed, 2, None if limit is None else subset)
+    assert sorted(ours) == list(subset) and len(ours) == (limit or 40)
+    assert all(p.count("=") == 3 for p in ours.values())  # two shots and the question
+    assert ours == theirs
+    shard = list(subset[1::3])
+    assert _evomerge_prompts(monkeypatch, ev, {"tiny_add": shard}) == {i: theirs[i] for i in shard}
+    assert _evomerge_prompts(monkeypatch, ev) == theirs  # and again for the next candidate
+
+
+def _sampling_tasks(root: Path) -> Path:
+    shutil.copytree(TASKS, root, dirs_exist_ok=True)
+    text = (TASKS / "tiny_add.yaml").read_text()
+    text = text.replace("task: tiny_add", "task: tiny_sample")
+    text = text.replace("do_sample: false", "do_sample: true\n  temperature: 2.0")
+    assert "temperature: 2.0" in text
+    (root / "tiny_sample.yaml").write_text(text)
+    return root
+
+
+def test_seed_makes_sampling_tasks_repeatable(model, tok, tmp_path):
+    ev = Evaluator([TaskSpec("tiny_sample")], include_paths=[_sampling_tasks(tmp_path)],
+                   include_defaults=False, batch_size=8)
+    task = ev._tasks["tiny_sample"]
+
+    def run(seed, shard=None):
+        result = ev.evaluate(model, tok, shard=shard, seed=seed)
+        answers = {inst.doc_id: inst.resps[0] for inst in task.instances}
+        return result, answers
+
+    first, answers = run(11)
+    assert len(set(answers.values())) > 5  # really sampled, not greedy
+    torch.rand(3), random.random(), np.random.rand()  # whatever ran before must not matter
+    again, answers_again = run(11)
+    assert answers_again == answers and again.scores == first.scores
+    _, other = run(12)
+    assert other != answers
+    shard_a, shard_b = {"tiny_sample": [0, 3, 5, 9]}, {"tiny_sample": [1, 2, 4]}
+    _, in_a = run(11, shard_a)
+    run(11, shard_b)
+    assert run(11, shard_a)[1] == in_a  # a shard's result does not depend on shards run before
+    assert run(None)[1] != run(None)[1]  # no seed: the global generators run on, unseeded
+
+
+def test_validate_tasks_names_the_field_and_close_names(monkeypatch):
+    from evomerge.evaluate import TaskError, validate_tasks
+
+    assert issubclass(TaskError, ValueError) and issubclass(TaskError, EvaluatorError)
+    start = time.perf_counter()
+    assert validate_tasks([TaskSpec("tiny_add", num_fewshot=2), TaskSpec("tiny_copy")], [TASKS]) is None
+    assert time.perf_counter() - start < 5  # tasks in fitness.include: no built-in index
+    built = []
+    real = evaluate_module.TaskManager
+
+    def no_builtins(include_path=None, include_defaults=False):  # the ~10 s built-in index
+        built.append(include_defaults)
+        return real(include_path=include_path, include_defaults=False)
+
+    monkeypatch.setattr(evaluate_module, "TaskManager", no_builtins)
+    with pytest.raises(TaskError) as err:
+        validate_tasks([TaskSpec("tiny_ad")], [TASKS])
+    message = str(err.value)
+    assert "fitness.include" in message and "include_paths" not in message
+    assert "'tiny_ad'" in message and "Close names: tiny_add" in message
+    assert built == [False, True]  # it looked among the built-in tasks too
+    with pytest.raises(TaskError, match=r"test\.include"):
+        validate_tasks([TaskSpec("zzzz")], [TASKS], field="test")
+    with pytest.raises(TaskError, match="metric"):
+        validate_tasks([TaskSpec("tiny_add", metric="acc")], [TASKS])
+    with pytest.raises(TaskError, match="fitness.include: .* not a directory"):
+        validate_tasks([TaskSpec("tiny_add")], [TASKS / "nope"])
+
+
+def test_validate_tasks_says_a_dataset_is_not_available_offline(tmp_path):
+    from evomerge.evaluate import TaskError, validate_tasks
+
+    (tmp_path / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: someorg/never_cached\ndataset_name: main\n"
+        "output_type: generate_until\ntest_split: test\ndoc_to_text: '{{q}}'\n"
+        "doc_to_target: '{{a}}'\nmetric_list:\n  - metric: exact_match\n"
+    )
+    with pytest.raises(TaskError) as err:
+        validate_tasks([TaskSpec("hub_task")], [tmp_path])
+    message = str(err.value)
+    assert "'hub_task'" in message and "'someorg/never_cached' (config 'main')" in message
+    assert "offline" in message and "not in the local Hugging Face datasets cache" in message
+    assert "fitness.include" in message and "dataset_path: json" in message
+    assert "data_files" in message
+
+
+@pytest.mark.slow
+def test_validate_tasks_on_builtin_tasks():
+    """The real built-in index (~10 s each): a misspelt and an uncached built-in task."""
+    from evomerge.evaluate import TaskError, validate_tasks
+
+    with pytest.raises(TaskError, match="Close names: .*arc_easy"):
+        validate_tasks([TaskSpec("arc_eazy", metric="acc")], [TASKS])
+    with pytest.raises(TaskError, match="'allenai/ai2_arc'.*offline.*fitness.include.*dataset_path: json"):
+        validate_tasks([TaskSpec("tiny_add"), TaskSpec("arc_easy", metric="acc")], [TASKS])
