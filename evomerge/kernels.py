@@ -67,7 +67,7 @@ typedef struct {
     void *out;
     int32_t dt_in, dt_out, n_models, consensus;
     int32_t normalize, has_div, has_lam, full;
-    int32_t skip_zero, first_init;
+    int32_t skip_zero, first_init, src, fma;
     float div, lam;
 } job_t;
 
@@ -169,26 +169,32 @@ static void term(const model_t *m, const float *d, int64_t i0, int n, float *t) 
     }
 }
 
-/* Task-arithmetic family (full == 0) and full-model methods (full == 1) on [start, end). */
+/* Task-arithmetic family (full == 0) and full-model methods (full == 1) on [start, end).
+   Full-model methods read whole sources from the model pointers when src is set (else each
+   source is rebuilt as base + delta), and accumulate with one rounding per term (fmaf, as
+   torch's addcmul_ does on CPUs with FMA) when fma is set. */
 void em_merge(const job_t *job, const model_t *models, int64_t start, int64_t end) {
     float t[MAXK][SUB];
     float dbuf[SUB], bbuf[SUB], acc[SUB], aux[SUB], th[SUB];
     const int K = job->n_models;
     for (int64_t i0 = start; i0 < end; i0 += SUB) {
         const int n = (int)((end - i0) < SUB ? (end - i0) : SUB);
-        const float *b = load(job->base, job->dt_in, i0, n, bbuf);
+        /* full-model methods on whole sources (src) do not read the base at all */
+        const float *b = (job->full && job->src) ? bbuf : load(job->base, job->dt_in, i0, n, bbuf);
         if (job->full) {
             int first = 1;
             for (int k = 0; k < K; k++) {
                 const float c = models[k].w;
                 if (job->skip_zero && c == 0.0f) continue;
                 const float *d = load(models[k].delta, job->dt_in, i0, n, dbuf);
-                for (int j = 0; j < n; j++) th[j] = b[j] + d[j];
+                const float *s = d;
+                if (!job->src) { for (int j = 0; j < n; j++) th[j] = b[j] + d[j]; s = th; }
                 if (first && job->first_init) {
-                    for (int j = 0; j < n; j++) acc[j] = th[j] * c;
+                    for (int j = 0; j < n; j++) acc[j] = s[j] * c;
                 } else {
                     if (first) for (int j = 0; j < n; j++) acc[j] = 0.0f;
-                    for (int j = 0; j < n; j++) { float p = th[j] * c; acc[j] = acc[j] + p; }
+                    if (job->fma) for (int j = 0; j < n; j++) acc[j] = fmaf(s[j], c, acc[j]);
+                    else for (int j = 0; j < n; j++) { float p = s[j] * c; acc[j] = acc[j] + p; }
                 }
                 first = 0;
             }
@@ -321,7 +327,7 @@ class JobSpec(ctypes.Structure):
                 ("dt_out", ctypes.c_int32), ("n_models", ctypes.c_int32), ("consensus", ctypes.c_int32),
                 ("normalize", ctypes.c_int32), ("has_div", ctypes.c_int32), ("has_lam", ctypes.c_int32),
                 ("full", ctypes.c_int32), ("skip_zero", ctypes.c_int32), ("first_init", ctypes.c_int32),
-                ("div", ctypes.c_float), ("lam", ctypes.c_float)]
+                ("src", ctypes.c_int32), ("fma", ctypes.c_int32), ("div", ctypes.c_float), ("lam", ctypes.c_float)]
 
 
 _lock = threading.Lock()
@@ -484,6 +490,26 @@ def run_ranges(fn: Callable[[int, int], object], ranges: Sequence[tuple[int, int
     futures = [pool.submit(fn, a, b) for a, b in ranges[1:]]
     first = fn(*ranges[0])
     return [first, *(f.result() for f in futures)]
+
+
+_UNPROBED = object()
+_fused: object = _UNPROBED
+
+
+def addcmul_fuses() -> bool | None:
+    """Whether torch's CPU `acc.addcmul_(x, c)` (mergekit's linear accumulation) rounds once per
+    term, as a fused multiply-add: True or False when its vectorized and scalar paths agree, None
+    when they do not (then the kernels cannot follow it and linear merges with torch). Probed once."""
+    global _fused
+    if _fused is _UNPROBED:
+        e = 2.0 ** -12  # (1 + e)^2 - 1 = 2e + e^2: exact in one rounding, 2e in two
+        results = set()
+        for n in (64, 3):  # a vectorized block, and a scalar tail
+            acc = torch.full((n,), -1.0)
+            acc.addcmul_(torch.full((n,), 1 + e), torch.tensor([1 + e]))
+            results |= {v == 2 * e + e * e for v in acc.tolist()}
+        _fused = results.pop() if len(results) == 1 else None
+    return _fused  # type: ignore[return-value]
 
 
 def dtype_code(t: torch.Tensor) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from evomerge.groups import group_of
+from evomerge.groups import group_map
 from evomerge.methods import MergeInputs, TensorCache, get_method
 from evomerge.recipe import PSRecipe, RecipeError
 from evomerge.sources import SourceSet
@@ -39,6 +39,7 @@ class Materializer:
         if missing:
             raise RecipeError(f"the output model has tensors the sources lack: {missing[:3]}")
         self.caches = {n: TensorCache() for n in self.params}
+        self._group_maps: dict = {}
 
     def check(self, recipe: PSRecipe) -> None:
         """Reject a recipe written for other sources or a network of another depth."""
@@ -52,6 +53,10 @@ class Materializer:
         if method.uses_base and not self.sources.has_base:
             raise RecipeError(f"method {recipe.method!r} works on task vectors and needs a base model; "
                               "add `base:` to the experiment")
+        if method.uses_base and self.sources.whole:
+            raise RecipeError(f"method {recipe.method!r} works on task vectors, but these sources were opened "
+                              "as whole models for methods that use no base (linear, slerp); open them with "
+                              f"open_sources(..., methods=[{recipe.method!r}])")
         for g in range(len(recipe.groups)):
             per_model, glob = recipe.values_for(g)
             method.validate({**per_model, **glob}, len(self.sources.names))
@@ -60,23 +65,36 @@ class Materializer:
     def apply(self, recipe: PSRecipe) -> PreTrainedModel:
         self.check(recipe)
         method = get_method(recipe.method)
-        n_layers = self.sources.num_layers
+        groups = self._groups(recipe.granularity)
         for name, param in self.params.items():
-            per_model, glob = recipe.values_for(group_of(recipe.granularity, name, n_layers))
-            base, deltas = self._inputs(name, param.device)
+            per_model, glob = recipe.values_for(groups[name])
+            base, deltas, whole = self._inputs(name, param.device)
             inputs = MergeInputs(name=name, base=base, deltas=deltas, cache=self.caches[name],
-                                 seed=recipe.seed, out=param.data)
+                                 seed=recipe.seed, out=param.data, sources=whole)
             merged = method.fn(inputs, per_model, {**recipe.options, **glob})
             if merged.data_ptr() != param.data.data_ptr():
                 param.data.copy_(merged)
         return self.model
 
+    def _groups(self, granularity) -> dict[str, int]:
+        """Each tensor's layer group (judged with its layer's other modules), once per granularity."""
+        cached = self._group_maps.get(granularity)
+        if cached is None:
+            cached = self._group_maps[granularity] = group_map(granularity, self.sources.base_weights,
+                                                              self.sources.num_layers)
+        return cached
+
     def _inputs(self, name: str, device: torch.device):
-        """The tensor's base and task vectors on the merge device: resident, or streamed from host."""
-        base, deltas = self.sources.base_weights[name], self.sources.deltas[name]
-        if not self.sources.streamed:
-            return base, deltas
-        return (base.to(device, non_blocking=True), [d.to(device, non_blocking=True) for d in deltas])
+        """(base, task vectors, whole sources) of one tensor on the merge device, resident or
+        streamed from host: (None, [], sources) in whole-source form, (base, deltas, None) else."""
+        s = self.sources
+        if s.weights is not None:
+            whole = s.weights[name]
+            return None, [], ([w.to(device, non_blocking=True) for w in whole] if s.streamed else whole)
+        base, deltas = s.base_weights[name], s.deltas[name]
+        if not s.streamed:
+            return base, deltas, None
+        return base.to(device, non_blocking=True), [d.to(device, non_blocking=True) for d in deltas], None
 
     @torch.no_grad()
     def load_source(self, name: str) -> PreTrainedModel:

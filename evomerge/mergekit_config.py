@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from evomerge.groups import group_of, layer_index, tensor_kind
+from evomerge.groups import block_word, group_map, layer_index, layer_modules, tensor_kind
 from evomerge.recipe import PSRecipe, RecipeError
 from evomerge.sources import SourceRef
 
@@ -34,9 +34,7 @@ METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 _RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
 _RANKED = {"ties", "breadcrumbs", "breadcrumbs_ties"}
-# evomerge's full-model methods rebuild each source as base + (source - base) in float32, which
-# can round (tests/test_mergekit_oracle.py::test_linear_is_bit_identical); drop once that is fixed.
-_REBUILT_SOURCES = {"linear", "slerp"}
+MERGEKIT_VERSION = "0.1.5"  # the version these configs are checked against (tests/test_mergekit_oracle.py)
 
 Setting = Any  # a scalar, or a list of {"filter": str, "value": float} with a final {"value": float}
 
@@ -47,6 +45,9 @@ class MergekitConfig:
 
     config: dict
     notes: list[str] = field(default_factory=list)
+    # Differences of older mergekit versions only: written at the top, but exactness is judged
+    # against MERGEKIT_VERSION.
+    version_notes: list[str] = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
@@ -61,8 +62,10 @@ class MergekitConfig:
             for note in self.notes:
                 head += [("#  - " if i == 0 else "#  ") + line for i, line in enumerate(_wrap(note))]
         else:
-            head.append("# Exact: mergekit rebuilds the same tensors as `evomerge merge recipe.yaml` "
-                        "(float32, same operation order).")
+            head.append(f"# Exact: mergekit {MERGEKIT_VERSION} rebuilds the same tensors as `evomerge merge "
+                        "recipe.yaml` (float32, same operation order).")
+        for note in self.version_notes:
+            head += [("# Older mergekit: " if i == 0 else "#  ") + line for i, line in enumerate(_wrap(note, 80))]
         return "\n".join(head) + "\n" + yaml.safe_dump(self.config, sort_keys=False, width=120)
 
 
@@ -93,9 +96,10 @@ def model_reference(ref: SourceRef) -> str:
 _LAYER_PART = re.compile(r"\.([A-Za-z_]+)\.(\d+)\.")
 
 
-def _filter_of(name: str, recipe: PSRecipe) -> tuple[int, str | None, int]:
+def _filter_of(name: str, recipe: PSRecipe, groups: dict[str, int],
+               kinds: dict[str, str]) -> tuple[int, str | None, int]:
     """(group, filter, rank) of one tensor; rank orders specific filters before general ones."""
-    g = group_of(recipe.granularity, name, recipe.num_layers)
+    g = groups[name]
     if recipe.granularity.kind == "model":
         return g, None, 3
     layer = layer_index(name)
@@ -103,9 +107,11 @@ def _filter_of(name: str, recipe: PSRecipe) -> tuple[int, str | None, int]:
     if m is None:
         return g, name, 2  # embeddings / final norm / head: the exact tensor name
     prefix = m.group(0)
-    if recipe.granularity.split_kinds and tensor_kind(name) != "other":
+    kind = kinds[name]
+    if recipe.granularity.split_kinds and kind != "other":
+        # the block's module (".layers.3.self_attn."); a norm of the layer itself by its full name
         rest = ("." + name)[m.end():].split(".")
-        module = next((p for p in rest if p and tensor_kind(p) == tensor_kind(name)), None)
+        module = next((p for p in rest if p and block_word(p) == kind), None)
         return (g, f"{prefix}{module}.", 0) if module else (g, name, 0)
     return g, prefix, 1
 
@@ -114,22 +120,30 @@ def _first_match(filters: list[tuple[str, int]], catch_all: int, name: str) -> i
     return next((g for f, g in filters if f in name), catch_all)
 
 
-def group_filters(recipe: PSRecipe, tensor_names: Sequence[str]) -> tuple[list[tuple[str, int]], int]:
+def group_filters(recipe: PSRecipe, tensor_names: Sequence[str],
+                  groups: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], int]:
     """Ordered (filter, group) pairs and the group of the final catch-all entry, such that
-    mergekit's first-match rule sends every tensor to its evomerge group (checked here)."""
+    mergekit's first-match rule sends every tensor to its evomerge group (checked here).
+    `groups`: `evomerge.groups.group_map` of these names (computed when not given)."""
+    if groups is None:
+        groups = group_map(recipe.granularity, tensor_names, recipe.num_layers)
+    modules = layer_modules(tensor_names)
+    kinds = {}
+    for n in tensor_names:
+        layer = layer_index(n)
+        kinds[n] = "other" if layer is None else tensor_kind(n, modules.get(layer))
     head = len(recipe.groups) - 1
     found: dict[str, tuple[int, int, int]] = {}
     for i, name in enumerate(tensor_names):
-        g, flt, rank = _filter_of(name, recipe)
+        g, flt, rank = _filter_of(name, recipe, groups, kinds)
         if flt is not None and not (rank == 2 and g == head):
             found.setdefault(flt, (g, rank, i))
     filters = [(f, key[0]) for f, key in sorted(found.items(), key=lambda kv: kv[1])]
-    if all(_first_match(filters, head, n) == group_of(recipe.granularity, n, recipe.num_layers)
-           for n in tensor_names):
+    if all(_first_match(filters, head, n) == groups[n] for n in tensor_names):
         return filters, head
     # Unusual tensor names: one filter per tensor, longest first so no name catches a longer one.
     names = sorted(tensor_names, key=lambda n: (-len(n), n))
-    return [(n, group_of(recipe.granularity, n, recipe.num_layers)) for n in names], head
+    return [(n, groups[n]) for n in names], head
 
 
 def resolve_setting(setting: Setting, tensor_name: str) -> Any:
@@ -151,10 +165,9 @@ def _setting(values: Sequence[float], filters: list[tuple[str, int]], catch_all:
     return entries + [{"value": float(values[catch_all])}]
 
 
-def _check_setting(setting: Setting, values: Sequence[float], recipe: PSRecipe,
-                   tensor_names: Sequence[str], what: str) -> None:
-    for name in tensor_names:
-        want = values[group_of(recipe.granularity, name, recipe.num_layers)]
+def _check_setting(setting: Setting, values: Sequence[float], groups: dict[str, int], what: str) -> None:
+    for name, group in groups.items():
+        want = values[group]
         got = resolve_setting(setting, name)
         if got != want:
             raise RecipeError(f"internal error: mergekit filter for {what} gives {got} on {name}, "
@@ -174,10 +187,6 @@ def _notes(recipe: PSRecipe, dropped: list[str]) -> list[str]:
     if recipe.method in _RANKED:
         notes.append("magnitude trimming: entries tied in |value| exactly at the trimming threshold may be "
                      "kept differently (same count kept); this needs repeated magnitudes, rare in float32.")
-    if recipe.method in _REBUILT_SOURCES:
-        notes.append(f"{recipe.method}: evomerge rebuilds each source as base + (source - base) in float32, "
-                     "mergekit reads the sources themselves; tensors agree to within one float32 ulp, not bit "
-                     "for bit.")
     if recipe.method.startswith("della"):
         notes.append("DELLA on single-column tensors: evomerge uses the plain density where mergekit's "
                      "rank normalisation divides 0 by 0.")
@@ -200,11 +209,13 @@ def mergekit_config(recipe: PSRecipe, tensor_names: Sequence[str],
     if recipe.method not in METHODS:
         raise RecipeError(f"method {recipe.method!r} has no mergekit counterpart; export recipe.yaml only")
     mk_method, option_names = METHODS[recipe.method]
-    filters, catch_all = group_filters(recipe, tensor_names)
+    tensor_names = list(tensor_names)
+    groups = group_map(recipe.granularity, tensor_names, recipe.num_layers)
+    filters, catch_all = group_filters(recipe, tensor_names, groups)
 
     def setting(values: Sequence[float], what: str) -> Setting:
         s = _setting(values, filters, catch_all)
-        _check_setting(s, values, recipe, tensor_names, what)
+        _check_setting(s, values, groups, what)
         return s
 
     models = []
@@ -226,7 +237,18 @@ def mergekit_config(recipe: PSRecipe, tensor_names: Sequence[str],
     if glob:
         cfg["parameters"] = glob
     cfg["dtype"] = recipe.dtype
-    return MergekitConfig(cfg, _notes(recipe, dropped))
+    return MergekitConfig(cfg, _notes(recipe, dropped), _version_notes(recipe))
 
 
-__all__ = ["METHODS", "MergekitConfig", "group_filters", "mergekit_config", "model_reference", "resolve_setting"]
+def _version_notes(recipe: PSRecipe) -> list[str]:
+    if recipe.method.startswith("breadcrumbs"):
+        # mergekit <= 0.1.4, sparsify.magnitude_outliers: mask[indices[n_bot:-n_top]] = 1, an empty
+        # slice when n_top = int(gamma * numel) is 0; 0.1.5 keeps indices[n_bot:n_bot + target_n].
+        return [f"mergekit 0.1.4 and older drop a tensor's whole task vector where int(gamma * numel) = 0 "
+                f"(gamma = 0, or a small gamma on a small tensor such as a norm); use mergekit "
+                f"{MERGEKIT_VERSION} or later, which keeps the top int(density * numel) entries there as "
+                "evomerge does."]
+    return []
+
+
+__all__ = ["MERGEKIT_VERSION", "METHODS", "MergekitConfig", "group_filters", "mergekit_config", "model_reference", "resolve_setting"]

@@ -1,6 +1,8 @@
 """Merge methods on tensors: a registry of small typed functions with declared parameter ranges.
 
-Each method maps (base, task vectors, values) to one merged tensor. Where mergekit has the method
+Each method maps (base, task vectors, values) to one merged tensor; the methods that use no base
+(linear, slerp) map the source tensors themselves, when given (`MergeInputs.sources`), so that
+they read what mergekit reads. Where mergekit has the method
 the semantics are mergekit 0.1.5's (`mergekit/merge_methods/generalized_task_arithmetic.py`,
 `linear.py`, `slerp.py`, `mergekit/sparsify.py`, defaults from `registry.py`), with the same
 operation order, so float32 results agree bit for bit and an evolved recipe exports to a mergekit
@@ -58,7 +60,12 @@ class ParamSpec:
 
 @dataclass
 class MergeInputs:
-    """One tensor's merge problem; `deltas` are resident task vectors, `out` an optional target."""
+    """One tensor's merge problem; `deltas` are resident task vectors, `out` an optional target.
+
+    `sources`, when given, are the source tensors themselves, for the methods that use no base
+    (linear, slerp): they then merge exactly what mergekit reads. Without them those methods
+    rebuild each source as base + delta, which can differ from the source in the last bit.
+    """
 
     name: str
     base: torch.Tensor | None
@@ -66,6 +73,11 @@ class MergeInputs:
     cache: TensorCache
     seed: int = 0
     out: torch.Tensor | None = None
+    sources: Sequence[torch.Tensor] | None = None
+
+    @property
+    def n_models(self) -> int:
+        return len(self.sources) if self.sources is not None else len(self.deltas)
 
 
 PerModel = Mapping[str, Sequence[float]]
@@ -167,18 +179,23 @@ def _check_della(method: str, values: Mapping[str, object]) -> None:
 
 
 def _accumulator(inputs: MergeInputs) -> torch.Tensor:
-    """A float32 buffer for the result: `out` itself when it is float32 and not the base."""
-    base = _base(inputs)
+    """A float32 buffer for the result: `out` itself when it is float32 and none of the inputs."""
+    ref = _ref(inputs)
     out = inputs.out
-    if out is not None and out.dtype == torch.float32 and out.data_ptr() != base.data_ptr():
+    if out is not None and out.dtype == torch.float32 and out.data_ptr() not in _input_ptrs(inputs):
         return out
-    return torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    return torch.empty(ref.shape, dtype=torch.float32, device=ref.device)
+
+
+def _input_ptrs(inputs: MergeInputs) -> set[int]:
+    tensors = [inputs.base, *inputs.deltas, *(inputs.sources or ())]
+    return {t.data_ptr() for t in tensors if t is not None}
 
 
 def _emit(inputs: MergeInputs, acc: torch.Tensor) -> torch.Tensor:
     """The result in the output's dtype, written into `out` when given."""
     if inputs.out is None:
-        return acc.to(_base(inputs).dtype)
+        return acc.to(_ref(inputs).dtype)
     if acc.data_ptr() != inputs.out.data_ptr():
         inputs.out.copy_(acc)
     return inputs.out
@@ -186,12 +203,25 @@ def _emit(inputs: MergeInputs, acc: torch.Tensor) -> torch.Tensor:
 
 def _base(inputs: MergeInputs) -> torch.Tensor:
     if inputs.base is None:
-        raise MergeError(f"{inputs.name}: merge methods need the base tensor (or the first source as base)")
+        raise MergeError(f"{inputs.name}: this merge method works on task vectors and needs the base tensor; "
+                         "it was given whole source tensors only")
     return inputs.base
 
 
+def _ref(inputs: MergeInputs) -> torch.Tensor:
+    """A tensor of the merge's shape, dtype and device: the base, or source 0."""
+    if inputs.base is not None:
+        return inputs.base
+    if inputs.sources:
+        return inputs.sources[0]
+    raise MergeError(f"{inputs.name}: merge methods need the base tensor or the source tensors")
+
+
 def _source(inputs: MergeInputs, k: int, scratch: torch.Tensor) -> torch.Tensor:
-    """Source k rebuilt as base + delta_k in float32, in `scratch` (the only full-size temporary)."""
+    """Source k: the resident tensor itself, or rebuilt as base + delta_k in float32 in `scratch`
+    (the only full-size temporary)."""
+    if inputs.sources is not None:
+        return inputs.sources[k]
     scratch.copy_(_base(inputs))
     return scratch.add_(inputs.deltas[k])
 
@@ -208,22 +238,25 @@ def _weights(values: tuple[float, ...], normalize: bool) -> tuple[torch.Tensor, 
 
 # -- fused CPU kernels (evomerge.kernels): the same arithmetic in one pass ---------------------
 
-def _use_kernels(inputs: MergeInputs) -> bool:
-    base = _base(inputs)
-    if len(inputs.deltas) > kernels.MAX_MODELS or any(d.dtype != base.dtype or d.numel() != base.numel()
-                                                       for d in inputs.deltas):
+def _use_kernels(inputs: MergeInputs, whole: bool = False) -> bool:
+    """Whether the kernels take this merge; `whole`: it reads the sources (not base + deltas)."""
+    ref = _ref(inputs)
+    tensors = list(inputs.sources) if whole and inputs.sources is not None else [_base(inputs), *inputs.deltas]
+    if len(tensors) > kernels.MAX_MODELS + 1 or any(t.dtype != ref.dtype or t.numel() != ref.numel()
+                                                    for t in tensors):
         return False
-    if inputs.out is not None and inputs.out.numel() != base.numel():
+    if inputs.out is not None and inputs.out.numel() != ref.numel():
         return False
-    return kernels.supports(base, *inputs.deltas, inputs.out)
+    return kernels.supports(*tensors, inputs.out)
 
 
 def _run_kernel(inputs: MergeInputs, models: list, **job) -> torch.Tensor:
-    base = _base(inputs)
-    out = inputs.out if inputs.out is not None else torch.empty(base.shape, dtype=base.dtype)
-    spec = kernels.JobSpec(base=base.data_ptr(), out=out.data_ptr(), dt_in=kernels.dtype_code(base),
+    ref = _ref(inputs)
+    out = inputs.out if inputs.out is not None else torch.empty(ref.shape, dtype=ref.dtype)
+    spec = kernels.JobSpec(base=ref.data_ptr(), out=out.data_ptr(), dt_in=kernels.dtype_code(ref),
                            dt_out=kernels.dtype_code(out), n_models=len(models), **job)
-    kernels.merge(spec, models, base.numel(), keepalive=(base, out, *inputs.deltas))
+    keep = (ref, out, *inputs.deltas, *(inputs.sources or ()))
+    kernels.merge(spec, models, ref.numel(), keepalive=keep)
     return out
 
 
@@ -243,25 +276,41 @@ def _model_spec(delta: torch.Tensor, weight: float, mask: sp.Mask | None = None,
 
 
 def _full_models(inputs: MergeInputs, coefficients: Sequence[float], *, skip_zero: bool, first_init: bool,
-                 divisor: float | None) -> torch.Tensor:
-    """sum_k c_k (base + delta_k) [/ divisor], accumulated in source order (see `linear`, `slerp`)."""
-    if _use_kernels(inputs):
-        models = [_model_spec(d, c) for d, c in zip(inputs.deltas, coefficients)]
-        return _run_kernel(inputs, models, full=1, skip_zero=int(skip_zero), first_init=int(first_init),
-                           has_div=int(divisor is not None), div=divisor or 1.0)
+                 divisor: float | None, fused: bool) -> torch.Tensor:
+    """sum_k c_k theta_k [/ divisor], accumulated in source order (see `linear`, `slerp`); `fused`
+    accumulates as mergekit's linear does, with `acc.addcmul_(theta_k, c_k)` (on CPUs with FMA,
+    one rounding per term), else each product is rounded and then added."""
+    whole = inputs.sources is not None
+    fma = kernels.addcmul_fuses() if fused else False
+    if fma is not None and len(coefficients) <= kernels.MAX_MODELS and _use_kernels(inputs, whole):
+        tensors = inputs.sources if whole else inputs.deltas
+        models = [_model_spec(t, c) for t, c in zip(tensors, coefficients)]  # type: ignore[arg-type]
+        return _run_kernel(inputs, models, full=1, src=int(whole), fma=int(fma), skip_zero=int(skip_zero),
+                           first_init=int(first_init), has_div=int(divisor is not None), div=divisor or 1.0)
     acc = _accumulator(inputs)
-    scratch = torch.empty_like(acc)
+    scratch: torch.Tensor | None = None
     started = False
     for k, c in enumerate(coefficients):
         if skip_zero and c == 0:
             continue
-        term = _source(inputs, k, scratch).mul_(c)
-        if not started and first_init:
-            acc.copy_(term)
+        if whole:
+            theta = inputs.sources[k]  # type: ignore[index]
+        else:
+            scratch = torch.empty_like(acc) if scratch is None else scratch
+            theta = _source(inputs, k, scratch)  # float32, in scratch
+        if fused:
+            if not started:
+                acc.zero_()
+            acc.addcmul_(theta, _coefficient(c, acc.device, acc.dim()))  # float32 (theta upcast exactly)
+        elif not started and first_init:
+            acc.copy_(theta).mul_(c)
         else:
             if not started:
                 acc.zero_()
-            acc.add_(term)
+            if theta is not scratch:
+                scratch = torch.empty_like(acc) if scratch is None else scratch
+                theta = scratch.copy_(theta)
+            acc.add_(theta.mul_(c))
         started = True
     if not started:
         acc.zero_()
@@ -270,22 +319,35 @@ def _full_models(inputs: MergeInputs, coefficients: Sequence[float], *, skip_zer
     return _emit(inputs, acc)
 
 
+@functools.lru_cache(maxsize=1024)
+def _coefficient(c: float, device: torch.device, ndim: int) -> torch.Tensor:
+    """c as the float32 tensor mergekit's linear multiplies by (broadcast over every weight dim)."""
+    return torch.tensor(c, dtype=torch.float32, device=device).reshape((1,) * ndim)
+
+
 def linear(inputs: MergeInputs, per_model: PerModel, global_: Globals) -> torch.Tensor:
-    """sum_k w_k theta_k (/ sum_k w_k): products rounded, then added in source order from zero, as
-    mergekit's (weights * tensors).sum(dim=0); zero weights are skipped."""
-    v = _resolve(METHODS["linear"], per_model, global_, len(inputs.deltas))
+    """sum_k w_k theta_k (/ sum_k w_k), as mergekit 0.1.5's linear: from zero, in source order,
+    `acc.addcmul_(theta_k, w_k)` in float32 (fused multiply-adds where torch fuses them), then one
+    division by the float32 sum of the weights; zero weights are skipped (they add nothing)."""
+    v = _resolve(METHODS["linear"], per_model, global_, inputs.n_models)
     _, w, divisor = _weights(tuple(v["weight"]), bool(v["normalize"]))  # type: ignore[arg-type]
-    return _full_models(inputs, w, skip_zero=True, first_init=False, divisor=divisor)
+    return _full_models(inputs, w, skip_zero=True, first_init=False, divisor=divisor, fused=True)
 
 
 def slerp(inputs: MergeInputs, per_model: PerModel, global_: Globals) -> torch.Tensor:
-    """Spherical interpolation from source 0 (t=0, mergekit's base_model) to source 1 (t=1)."""
-    v = _resolve(METHODS["slerp"], per_model, global_, len(inputs.deltas))
-    if len(inputs.deltas) != 2:
-        raise MergeParamError(f"method 'slerp' merges exactly 2 models, got {len(inputs.deltas)}")
-    d0, d1 = inputs.deltas
-    s0, s1 = sp.slerp_coefficients(float(v["t"]), inputs.cache.cosine(_base(inputs), d0, d1))  # type: ignore[arg-type]
-    return _full_models(inputs, [s0, s1], skip_zero=False, first_init=True, divisor=None)
+    """Spherical interpolation from source 0 (t=0, mergekit's base_model) to source 1 (t=1):
+    s0 theta_0 + s1 theta_1, each product rounded, as mergekit's `coef_a * x + coef_b * y`."""
+    n = inputs.n_models
+    v = _resolve(METHODS["slerp"], per_model, global_, n)
+    if n != 2:
+        raise MergeParamError(f"method 'slerp' merges exactly 2 models, got {n}")
+    if inputs.sources is not None:
+        cosine = inputs.cache.cosine_of(*inputs.sources)
+    else:
+        d0, d1 = inputs.deltas
+        cosine = inputs.cache.cosine(_base(inputs), d0, d1)
+    s0, s1 = sp.slerp_coefficients(float(v["t"]), cosine)  # type: ignore[arg-type]
+    return _full_models(inputs, [s0, s1], skip_zero=False, first_init=True, divisor=None, fused=False)
 
 
 @dataclass(frozen=True)
@@ -342,6 +404,7 @@ class _Sparsifier:
 
 def _task_arithmetic_family(method_name: str, sparsifier: _Sparsifier, consensus: bool) -> MergeFn:
     def fn(inputs: MergeInputs, per_model: PerModel, global_: Globals) -> torch.Tensor:
+        _base(inputs)  # task vectors needed: whole sources alone will not do
         v = _resolve(METHODS[method_name], per_model, global_, len(inputs.deltas))
         normalize, lam = bool(v["normalize"]), float(v["lambda"])  # type: ignore[arg-type]
         _, w, divisor = _weights(tuple(v["weight"]), normalize and not consensus)  # type: ignore[arg-type]

@@ -1,8 +1,14 @@
 """Source checkpoints: locate, check that they can be merged, and keep them resident.
 
-A worker loads its sources once per study. What it keeps is the base weights and one task
-vector per source (source - base), in the study's dtype and on the worker's device, because
-every merge method in `methods` is expressed on those and nothing is reloaded per candidate.
+A worker loads its sources once per study, in the study's dtype and on the worker's device, in
+one of two forms (nothing is reloaded per candidate):
+
+- task vectors: the base weights and one task vector per source (source - base), for the
+  methods that work on task vectors (task arithmetic, TIES, DARE, breadcrumbs, DELLA);
+- whole sources: each source's own tensors and nothing else, when none of the methods that will
+  run uses a base (linear, slerp), so that they merge exactly the tensors mergekit reads (base +
+  (source - base) can differ from the source in the last bit). This keeps n tensors per weight
+  where task vectors keep n + 1.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -52,10 +59,10 @@ class SourceRef:
 def resolve_path(ref: SourceRef, *, allow_pickle: bool = False) -> Path:
     """A local directory for `ref`; hub ids are downloaded only when the hub is reachable."""
     if ref.path.startswith("toy:"):
-        from evomerge.toy import ToyWorldError, toy_world_path
+        from evomerge.toy import ToyWorldError, toy_model_path
 
         try:
-            return toy_world_path() / ref.path[4:]
+            return toy_model_path(ref.path[4:])
         except ToyWorldError as exc:
             raise SourceError(f"source {ref.name!r}: {exc}") from exc
     local = Path(ref.path).expanduser()
@@ -87,6 +94,40 @@ def read_config(path: Path, name: str) -> dict:
     if not cfg.exists():
         raise SourceError(f"source {name!r}: {path} has no config.json; is it a Hugging Face checkpoint?")
     return json.loads(cfg.read_text())
+
+
+# Files a Hugging Face tokenizer is read from (any one is enough to try loading it).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "merges.txt")
+
+
+def check_tokenizer(ref: SourceRef, *, trust_remote_code: bool = False, load: bool = True) -> None:
+    """Raise a SourceError naming `ref` when its checkpoint has no tokenizer that loads.
+
+    evomerge takes the tokenizer of one model (the base; the first source without a base; model A
+    of a DFS search) to score candidates and to write the exported checkpoint; a fine-tuned
+    checkpoint saved without its tokenizer would otherwise fail deep inside transformers.
+    `load`: also load it with AutoTokenizer (catches broken files; about a second for large
+    vocabularies), not only look for its files.
+    """
+    path = resolve_path(ref)
+    present = [f for f in TOKENIZER_FILES if (path / f).is_file()] + [p.name for p in path.glob("*.tiktoken")]
+    where = f"source {ref.name!r} ({ref.path}" + (f", at {path}" if str(path) != ref.path else "") + ")"
+    fix = ("copy the tokenizer files from the model it was fine-tuned from into that directory (for example "
+           "with `AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(DIR)`)")
+    if not present:
+        raise SourceError(f"{where} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); evomerge "
+                          f"uses this model's tokenizer to evaluate and export merges. Fix: {fix}")
+    if not load:
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # broken or partial tokenizer files, remote code not trusted, ...
+        detail = "".join(str(exc).splitlines()[:3])[:400]
+        raise SourceError(f"{where}: its tokenizer ({', '.join(present)}) does not load: "
+                          f"{type(exc).__name__}: {detail}. Fix: {fix}") from exc
 
 
 def weight_files(path: Path, name: str, allow_pickle: bool) -> list[Path]:
@@ -174,10 +215,13 @@ def inspect(ref: SourceRef, *, allow_pickle: bool = False) -> CheckpointInfo:
 
 @dataclass
 class SourceSet:
-    """Base weights and task vectors, resident for the life of a worker.
+    """The resident weights for the life of a worker: base and task vectors, or whole sources.
 
-    Without a base (linear, slerp over full models) the first source plays the base and its
-    task vector is zero, so every method sees the same (base, deltas) form.
+    Task-vector form: `base_weights` and `deltas` (one per source); `weights` is None. Without a
+    base the first source plays the base and its task vector is zero.
+    Whole-source form (`weights` set: one tensor per source, in source order): `deltas` is empty
+    and `base_weights` holds source 0's tensors (the same objects as `weights[name][0]`), which
+    give every tensor's name, shape and dtype; the base, if any, is not resident.
     """
 
     base: CheckpointInfo
@@ -189,6 +233,12 @@ class SourceSet:
     has_base: bool = True
     extra: dict = field(default_factory=dict)
     compute_device: torch.device | None = None  # where merges run; differs from `device` when streamed
+    weights: dict[str, list[torch.Tensor]] | None = None
+
+    @property
+    def whole(self) -> bool:
+        """Whether the sources are resident as whole tensors (no task vectors)."""
+        return self.weights is not None
 
     @property
     def streamed(self) -> bool:
@@ -205,7 +255,9 @@ class SourceSet:
     @property
     def resident_bytes(self) -> int:
         tensors = list(self.base_weights.values()) + [d for ds in self.deltas.values() for d in ds]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors += [w for ws in (self.weights or {}).values() for w in ws]
+        unique = {(t.data_ptr(), t.numel() * t.element_size()) for t in tensors}  # aliases count once
+        return sum(size for _, size in unique)
 
 
 def open_sources(
@@ -216,12 +268,17 @@ def open_sources(
     device: str = "cpu",
     allow_pickle: bool = False,
     placement: str = "auto",
+    methods: Iterable[str] | None = None,
 ) -> SourceSet:
     """Inspect, check and load every source once; task vectors are computed here, not per merge.
 
-    placement: "device" keeps base and task vectors on `device`; "host" keeps them in (pinned)
-    CPU memory and streams each tensor to `device` when a candidate is merged; "auto" picks
-    "device" when they fit in the device's free memory.
+    placement: "device" keeps the weights on `device`; "host" keeps them in (pinned) CPU memory
+    and streams each tensor to `device` when a candidate is merged; "auto" picks "device" when
+    they fit in the device's free memory.
+    methods: the merge methods that will run on these sources (an experiment's search space names
+    one). When none of them uses a base (linear, slerp) the sources stay whole (see the module
+    docstring), else base and task vectors are kept. None: whole without a base (only linear and
+    slerp can run then), task vectors with one.
     """
     if dtype not in DTYPES:
         raise SourceError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
@@ -230,25 +287,45 @@ def open_sources(
     names = [s.name for s in sources] + ([base.name] if base else [])
     if len(set(names)) != len(names):
         raise SourceError(f"source names must be unique, got {names}")
+    whole = keeps_whole_sources(methods, base is not None)
     infos = [inspect(s, allow_pickle=allow_pickle) for s in sources]
     base_info = inspect(base, allow_pickle=allow_pickle) if base else infos[0]
     everyone = {i.ref.name: i for i in [base_info, *infos]}
     check_compatible({n: i.config for n, i in everyone.items()}, {n: i.shapes for n, i in everyone.items()})
     torch_dtype, compute = DTYPES[dtype], torch.device(device)
-    resident = sum(math.prod(shape) for shape in base_info.shapes.values()) * (1 + len(infos))
+    copies = len(infos) if whole else 1 + len(infos)
+    resident = sum(math.prod(shape) for shape in base_info.shapes.values()) * copies
     dev, pin = choose_placement(compute, resident * torch.finfo(torch_dtype).bits // 8, placement)
+    if whole:
+        loaded = [load_tensors(info.files, torch_dtype, dev) for info in infos]
+        if pin:
+            loaded = [{k: v.pin_memory() for k, v in w.items()} for w in loaded]
+        weights = {k: [w[k] for w in loaded] for k in loaded[0]}
+        return SourceSet(base_info, infos, dict(loaded[0]), {}, torch_dtype, dev, has_base=base is not None,
+                         compute_device=compute, weights=weights)
     base_weights = load_tensors(base_info.files, torch_dtype, dev)
     deltas: dict[str, list[torch.Tensor]] = {k: [] for k in base_weights}
     for info in infos:
-        weights = base_weights if info is base_info else load_tensors(info.files, torch_dtype, dev)
+        loaded_k = base_weights if info is base_info else load_tensors(info.files, torch_dtype, dev)
         for k, b in base_weights.items():
-            deltas[k].append(weights[k] - b)
-        del weights
+            deltas[k].append(loaded_k[k] - b)
+        del loaded_k
     if pin:
         base_weights = {k: v.pin_memory() for k, v in base_weights.items()}
         deltas = {k: [d.pin_memory() for d in ds] for k, ds in deltas.items()}
     return SourceSet(base_info, infos, base_weights, deltas, torch_dtype, dev, has_base=base is not None,
                      compute_device=compute)
+
+
+def keeps_whole_sources(methods: Iterable[str] | None, has_base: bool) -> bool:
+    """Whether `open_sources` keeps whole sources (True) or base and task vectors (False) for
+    these methods; `evomerge plan` counts memory by the same rule."""
+    if methods is None:
+        return not has_base
+    from evomerge.methods import get_method
+
+    names = list(methods)
+    return bool(names) and not any(get_method(m).uses_base for m in names)
 
 
 PLACEMENTS = ("auto", "device", "host")

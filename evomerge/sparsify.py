@@ -206,6 +206,10 @@ class TensorCache:
 
         return self._get("cosine", 0, (base, d0, d1), compute)
 
+    def cosine_of(self, v0: torch.Tensor, v1: torch.Tensor) -> float:
+        """Cosine between two whole source tensors (in float32), as mergekit's slerp defines it."""
+        return self._get("cosine_of", 0, (v0, v1), lambda: _cosine(v0.float(), v1.float()))
+
 
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
              torch.float64: torch.int64}

@@ -37,6 +37,41 @@ def test_task_vectors_are_source_minus_base(tiny_world):
     assert s.names == ["a", "b"] and s.num_layers == 3 and s.resident_bytes > 0
 
 
+def test_methods_without_a_base_keep_the_sources_whole(tiny_world):
+    """linear/slerp: the sources' own tensors, n per weight (task vectors would be n + 1)."""
+    a = load_file(str(tiny_world["a"] / "model.safetensors"))
+    model_bytes = sum(t.numel() * t.element_size() for t in a.values())
+    refs = [SourceRef("a", str(tiny_world["a"])), SourceRef("b", str(tiny_world["b"]))]
+    base = SourceRef("base", str(tiny_world["base"]))
+    for s in (open_sources(refs, None), open_sources(refs, base, methods=["linear"])):
+        assert s.whole and s.deltas == {} and s.resident_bytes == 2 * model_bytes
+        assert all(torch.equal(s.weights[k][0], a[k]) for k in a)  # exactly the file's tensors
+        assert s.base_weights["model.norm.weight"] is s.weights["model.norm.weight"][0]
+    tv = open_sources(refs, base, methods=["ties"])
+    assert not tv.whole and tv.resident_bytes == 3 * model_bytes
+    assert not _sources(tiny_world).whole  # with a base and no methods named: task vectors
+
+
+def test_linear_materializes_the_sources_bit_for_bit(tiny_world):
+    """Written into the model in place, linear is mergekit's formula on the files' tensors."""
+    refs = [SourceRef("a", str(tiny_world["a"])), SourceRef("b", str(tiny_world["b"]))]
+    base = SourceRef("base", str(tiny_world["base"]))
+    mat = Materializer(open_sources(refs, base, methods=["linear"]))
+    space = PSSpace(method="linear", sources=refs, base=base, num_layers=3, granularity=Granularity("model"),
+                    parameters=None, fixed={}, options={}, sigma=0.2, dare_seed=0, dtype="float32")
+    recipe = space.decode({d.key: (0.37 if d.model == "a" else 1.21) for d in space.dims})
+    params = dict(mat.apply(recipe).named_parameters())
+    a, b = (load_file(str(tiny_world[k] / "model.safetensors")) for k in "ab")
+    w = torch.tensor([0.37, 1.21], dtype=torch.float32)
+    for name, p in params.items():
+        expected = torch.zeros_like(a[name]).addcmul_(a[name], w[0].reshape((1,) * p.dim()))
+        expected.addcmul_(b[name], w[1].reshape((1,) * p.dim())).div_(w.sum())
+        assert torch.equal(p.data, expected), name
+    ties = _space(tiny_world, method="ties").default_recipe()
+    with pytest.raises(RecipeError, match="opened as whole models"):
+        mat.apply(ties)
+
+
 def test_resident_dtype(tiny_world):
     s = _sources(tiny_world, dtype="bfloat16")
     assert all(t.dtype == torch.bfloat16 for t in s.base_weights.values())
@@ -84,6 +119,76 @@ def test_groups_cover_layers():
     assert names[group_of(g, "model.layers.3.mlp.up_proj.weight", 4)] == "layers2-3.mlp"
     assert names[group_of(g, "model.layers.0.self_attn.q_proj.weight", 4)] == "layers0-1.attn"
     assert group_of(g, "lm_head.weight", 4) == len(names) - 1
+
+
+def _real_names(arch: str, **overrides) -> list[str]:
+    """The state_dict keys of a tiny model of a real transformers architecture (as save_tiny builds)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if arch == "gpt2":
+        kw = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1)
+    kw.update(overrides)
+    torch.manual_seed(0)
+    return list(AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **kw)).state_dict())
+
+
+# Where each layer-level tensor of layer 1 goes with split_kinds; embeddings and head outside.
+_EXPECTED_KINDS = {
+    "llama": {"self_attn.q_proj": "attn", "mlp.down_proj": "mlp", "input_layernorm": "attn",
+              "post_attention_layernorm": "mlp"},  # Llama's post_attention_layernorm is the pre-MLP norm
+    "gemma2": {"self_attn.o_proj": "attn", "mlp.up_proj": "mlp", "input_layernorm": "attn",
+               "post_attention_layernorm": "attn",  # a post-norm on the attention output
+               "pre_feedforward_layernorm": "mlp", "post_feedforward_layernorm": "mlp"},
+    "olmo2": {"self_attn.q_norm": "attn", "self_attn.k_norm": "attn", "mlp.gate_proj": "mlp",
+              "post_attention_layernorm": "attn",  # OLMo2: post-norm of attention (no input norm)
+              "post_feedforward_layernorm": "mlp"},
+    "gpt2": {"attn.c_attn": "attn", "mlp.c_fc": "mlp", "ln_1": "attn", "ln_2": "mlp"},
+    "phi": {"self_attn.dense": "attn", "mlp.fc1": "mlp", "input_layernorm": "other"},  # feeds both
+}
+
+
+@pytest.mark.parametrize("arch", list(_EXPECTED_KINDS))
+def test_split_kinds_puts_each_norm_with_the_block_it_normalizes(arch):
+    from evomerge.groups import group_map, group_sizes
+
+    names = _real_names(arch, **({"head_dim": 8} if arch == "gemma2" else {}))
+    g = Granularity("layer", split_kinds=True)
+    groups, labels = group_map(g, names, 2), group_names(g, 2)
+    prefix = "transformer.h.1." if arch == "gpt2" else "model.layers.1."
+    seen = {}
+    for name, group in groups.items():
+        if name.startswith(prefix):
+            module = name[len(prefix):].rsplit(".", 1)[0]
+            seen[module] = labels[group]
+    for module, kind in _EXPECTED_KINDS[arch].items():
+        assert seen[module] == f"layer1.{kind}", (arch, module, seen)
+    assert all(label.startswith("layer1.") for label in seen.values())
+    outside = {n: labels[gi] for n, gi in groups.items() if ".1." not in n and ".0." not in n}
+    embeds = {n for n, label in outside.items() if label == "embed"}
+    assert embeds == ({"transformer.wte.weight", "transformer.wpe.weight"} if arch == "gpt2"  # positions too
+                      else {"model.embed_tokens.weight"})
+    assert all(label == "head" for n, label in outside.items() if n not in embeds)
+    assert sum(group_sizes(g, names, 2)) == len(names)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "olmo2", "gpt2"])
+def test_mergekit_filters_follow_the_norm_groups(arch):
+    """The exported filters send every tensor of these architectures to its evomerge group."""
+    from evomerge.groups import group_map
+    from evomerge.mergekit_config import mergekit_config, resolve_setting
+    from evomerge.recipe import PSRecipe
+
+    names = _real_names(arch, **({"head_dim": 8} if arch == "gemma2" else {}))
+    g = Granularity("layer", split_kinds=True)
+    recipe = PSRecipe("linear", [SourceRef("a", "/a"), SourceRef("b", "/b")], None, g, num_layers=2)
+    n = len(recipe.groups)
+    recipe.per_model = {"weight": {"a": [0.1 * (i + 1) for i in range(n)], "b": [1.0] * n}}
+    cfg = mergekit_config(recipe, names, locate=lambda ref: ref.path).config  # checks every tensor itself
+    setting = cfg["models"][0]["parameters"]["weight"]
+    for name, group in group_map(g, names, 2).items():
+        assert resolve_setting(setting, name) == pytest.approx(0.1 * (group + 1))
 
 
 def test_space_decode_and_defaults(tiny_world):
@@ -202,8 +307,13 @@ def test_host_placement_streams_to_the_merge_device(tiny_world, monkeypatch):
     streamed.compute_device = torch.device("meta")  # any device that differs from the host
     mat = Materializer.__new__(Materializer)
     mat.sources = streamed
-    base, deltas = mat._inputs("model.norm.weight", torch.device("meta"))
-    assert base.device.type == "meta" and all(d.device.type == "meta" for d in deltas)
+    base, deltas, whole = mat._inputs("model.norm.weight", torch.device("meta"))
+    assert base.device.type == "meta" and all(d.device.type == "meta" for d in deltas) and whole is None
+    mat.sources = open_sources([SourceRef("a", str(tiny_world["a"])), SourceRef("b", str(tiny_world["b"]))], None,
+                               placement="host")
+    mat.sources.compute_device = torch.device("meta")
+    base, deltas, whole = mat._inputs("model.norm.weight", torch.device("meta"))
+    assert base is None and deltas == [] and [w.device.type for w in whole] == ["meta", "meta"]
 
 
 def test_choose_placement():
@@ -225,3 +335,35 @@ def test_cuda_device_without_cuda_is_a_clear_error():
     with pytest.raises(RuntimeError, match="gpus_per_worker"):
         resolve_device("cuda")
     assert resolve_device("auto") == "cpu"
+
+
+def test_base_without_tokenizer_is_a_clear_error(tiny_world, tmp_path):
+    from evomerge.sources import TOKENIZER_FILES, check_tokenizer
+
+    check_tokenizer(SourceRef("base", str(tiny_world["base"])))  # save_tiny saved one: fine
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_world["base"], bare)
+    for f in TOKENIZER_FILES + ("special_tokens_map.json",):
+        (bare / f).unlink(missing_ok=True)
+    with pytest.raises(SourceError, match=r"source 'base' \(.*bare\) has no tokenizer files \(tokenizer.json, "
+                                          r"tokenizer_config.json.*copy the tokenizer files"):
+        check_tokenizer(SourceRef("base", str(bare)))
+    (bare / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(SourceError, match=r"source 'base' .*tokenizer \(tokenizer_config.json\) does not load"):
+        check_tokenizer(SourceRef("base", str(bare)))
+    check_tokenizer(SourceRef("base", str(bare)), load=False)  # the files are there
+
+
+def test_misspelled_toy_model_names_the_toy_world(monkeypatch, tmp_path):
+    import evomerge.toy as toy
+    from evomerge.sources import resolve_path
+
+    def no_build():
+        raise AssertionError("a misspelled name must not find or build the toy world")
+
+    monkeypatch.setattr(toy, "toy_world_path", no_build)
+    with pytest.raises(SourceError, match=r"^source 'a': unknown toy model 'toy:expert_addd'; the toy world has: "
+                                          r"base, expert_add, expert_cipher$"):
+        resolve_path(SourceRef("a", "toy:expert_addd"))
+    monkeypatch.setattr(toy, "toy_world_path", lambda: tmp_path)
+    assert resolve_path(SourceRef("a", "toy:expert_add")) == tmp_path / "expert_add"

@@ -115,6 +115,66 @@ def test_linear_one_zero_returns_first_model():
     assert torch.equal(run("linear", base, deltas, {"weight": [1.0, 0.0]}), sources[0])
 
 
+def mergekit_linear(sources, weights, normalize=True) -> torch.Tensor:
+    """mergekit 0.1.5's linear (merge_methods/linear.py) on one tensor: addcmul_ from zero in
+    float32 with float32 weight tensors, then a division by their float32 sum."""
+    w = torch.tensor(weights, dtype=torch.float32)
+    shape = (1,) * sources[0].dim()
+    result = torch.zeros(sources[0].shape, dtype=torch.float32)
+    for t, c in zip(sources, w.unbind(0)):
+        result.addcmul_(t, c.reshape(shape))
+    if normalize:
+        result.div_(w.sum())
+    return result.to(sources[0].dtype)
+
+
+def run_whole(method, sources, per_model=None, glob=None, *, out=None, cache=None) -> torch.Tensor:
+    inputs = MergeInputs(name=NAME, base=None, deltas=[], cache=cache or TensorCache(), out=out, sources=sources)
+    return get_method(method).fn(inputs, per_model or {}, glob or {})
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_on_whole_sources_is_mergekits_linear_bit_for_bit(use_kernels, dtype, monkeypatch):
+    """Given the sources themselves (not base + task vector) linear reproduces mergekit exactly,
+    including its fused multiply-add accumulation (addcmul_)."""
+    if not use_kernels:
+        monkeypatch.setattr(kernels, "supports", lambda *tensors: False)
+    _, sources, _ = make(3, shape=(300, 70), scale=0.5)
+    sources = [s.to(dtype) for s in sources]
+    for w, normalize in (([0.3, 1.2, 0.5], True), ([0.7, 0.0, 1.9], False), ([1.3, 0.4, 0.9], True)):
+        got = run_whole("linear", sources, {"weight": w}, {"normalize": normalize})
+        assert got.dtype == dtype
+        assert torch.equal(got, mergekit_linear(sources, w, normalize)), (w, normalize)
+    if dtype == torch.float32:  # rebuilt as base + (source - base), sources are off in the last bit in places
+        g = torch.Generator().manual_seed(1)
+        base = torch.randn((300, 70), generator=g)
+        sources = [3 * torch.randn((300, 70), generator=g) for _ in range(3)]
+        rebuilt = [base + (s - base) for s in sources]
+        assert not all(torch.equal(r, s) for r, s in zip(rebuilt, sources))
+        assert torch.equal(run_whole("linear", sources, {"weight": [0.3, 1.2, 0.5]}),
+                           mergekit_linear(sources, [0.3, 1.2, 0.5]))
+
+
+def test_slerp_on_whole_sources_is_mergekits_formula():
+    from evomerge.sparsify import _cosine, slerp_coefficients
+
+    _, sources, _ = make(2, shape=(40, 30), scale=1.0)
+    s0, s1 = slerp_coefficients(0.3, _cosine(sources[0], sources[1]))
+    expected = torch.tensor(s0) * sources[0] + torch.tensor(s1) * sources[1]  # coef_a * x + coef_b * y
+    assert torch.equal(run_whole("slerp", sources, glob={"t": 0.3}), expected)
+    assert torch.equal(run_whole("slerp", sources, glob={"t": 0.0}), sources[0])
+    assert torch.equal(run_whole("slerp", sources, glob={"t": 1.0}), sources[1])
+
+
+def test_task_vector_methods_refuse_whole_sources():
+    from evomerge.methods import MergeError
+
+    _, sources, _ = make(2)
+    with pytest.raises(MergeError, match="task vectors and needs the base"):
+        run_whole("ties", sources, {"weight": [1.0, 1.0], "density": [0.5, 0.5]})
+
+
 def test_task_arithmetic_matches_reference():
     base, _, deltas = make()
     w, lam = [0.5, -0.4, 1.5], 0.8
@@ -415,6 +475,26 @@ def test_kernels_equal_torch_bit_for_bit(case, tied, dtype, monkeypatch):
         fast, ref = run_both(method, base, deltas, per_model, glob, monkeypatch, seed=5, out_dtype=out_dtype)
         assert fast.dtype == ref.dtype
         assert torch.equal(bits(fast), bits(ref)), (method, tied, dtype, out_dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("linear", "slerp")], ids=["linear", "linear-raw", "slerp"])
+def test_kernels_equal_torch_on_whole_sources(case, dtype, monkeypatch):
+    method, per_model, glob = case
+    n = 2 if method == "slerp" else 3
+    per_model = {k: v[:n] for k, v in per_model.items()}
+    _, sources, _ = make(n, (370, 290))  # large enough to be split over threads
+    sources = [t.to(dtype) for t in sources]
+    for out_dtype in (None, dtype, torch.float32):
+        results = []
+        for use_kernels in (True, False):
+            with monkeypatch.context() as mp:
+                if not use_kernels:
+                    mp.setattr(kernels, "supports", lambda *tensors: False)
+                out = None if out_dtype is None else torch.full(sources[0].shape, float("nan"), dtype=out_dtype)
+                results.append(run_whole(method, sources, per_model, glob, out=out).clone())
+        assert torch.equal(bits(results[0]), bits(results[1])), (method, dtype, out_dtype)
 
 
 @needs_kernels

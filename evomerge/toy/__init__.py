@@ -12,7 +12,8 @@ from .data import write_tasks
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 REPO_TASKS = Path(__file__).resolve().parents[2] / "evaluators" / "toy"
 
-__all__ = ["ToyWorld", "ToyWorldError", "build_toy_world", "format_score_table", "toy_cache_path", "toy_world_path", "toy_tasks_path"]
+__all__ = ["ToyWorld", "ToyWorldError", "build_toy_world", "format_score_table", "toy_cache_path", "toy_model_names",
+           "toy_model_path", "toy_world_path", "toy_tasks_path"]
 
 
 def _home() -> Path:
@@ -52,6 +53,22 @@ def toy_world_path() -> Path:
             shutil.rmtree(cache, ignore_errors=True)
             tmp.rename(cache)
     return cache
+
+
+def toy_model_names() -> list[str]:
+    """The models of the toy world, as `toy:NAME` source paths name them."""
+    from .build import MODELS
+
+    return list(MODELS)
+
+
+def toy_model_path(name: str) -> Path:
+    """The directory of toy model `name` (the world is found or built as by `toy_world_path`);
+    an unknown name is an error listing the known ones, before anything is built."""
+    names = toy_model_names()
+    if name not in names:
+        raise ToyWorldError(f"unknown toy model 'toy:{name}'; the toy world has: {', '.join(names)}")
+    return toy_world_path() / name
 
 
 def toy_tasks_path() -> Path:
