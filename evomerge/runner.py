@@ -15,8 +15,10 @@ from evomerge.config import ExperimentConfig
 from evomerge.report import build_summary, format_table, reference_rows, write_summary
 from evomerge.sampler import make_sampler, study_sampler
 from evomerge.search import Controller
-from evomerge.sources import inspect
-from evomerge.study import StudyError, StudyRecord, create_or_load, default_storage, run_dir_for
+from evomerge.faults import barrier
+from evomerge.lease import LeaseLost
+from evomerge.preflight import preflight
+from evomerge.study import StudyError, StudyRecord, create_or_load, default_storage, exists, load, run_dir_for
 from evomerge.workers import InlinePool, RayPool, WorkersLost, start_ray
 
 
@@ -33,6 +35,7 @@ class RunOptions:
     inline: bool = False
     runs_dir: Path = Path("runs")
     compare: tuple[Path, ...] = ()  # other runs' summary.json whose evolved rows join the table
+    hybrid: dict | None = None  # for a stage of a hybrid run: the run's snapshot, name and stage
 
 
 def config_diff(old: dict, new: dict) -> str:
@@ -41,55 +44,125 @@ def config_diff(old: dict, new: dict) -> str:
     return "\n".join(difflib.unified_diff(a, b, "stored experiment", "this experiment", lineterm="", n=1))
 
 
-def _adopt_config(rec: StudyRecord, cfg: ExperimentConfig, resume: bool, printer) -> None:
+@dataclass(frozen=True)
+class Settings:
+    """What a run uses beyond the YAML: the CLI overrides, stored in the study so `resume` keeps them."""
+
+    budget: int | None
+    minutes: float | None
+    workers: int
+    population: int | None  # TPE/random: fixed at the first run, so a later --workers cannot change it
+
+    def as_dict(self) -> dict:
+        return {"budget": self.budget, "minutes": self.minutes, "workers": self.workers,
+                "population": self.population}
+
+
+def resolve_settings(cfg: ExperimentConfig, opts: RunOptions, stored: dict | None,
+                     printer: Callable[[str], None]) -> Settings:
+    """The YAML's values, then what the study stored from earlier runs' flags, then this run's flags."""
+    stored = stored or {}
+    base = {"budget": cfg.optimizer.budget.trials, "minutes": cfg.optimizer.budget.minutes,
+            "workers": cfg.resources.workers}
+    values = {k: stored.get(k, v) for k, v in base.items()}
+    for key, flag in (("budget", opts.budget), ("minutes", opts.minutes), ("workers", opts.workers)):
+        if flag is None:
+            continue
+        if key in stored and stored[key] != flag:
+            printer(f"{key} changed from {stored[key]} to {flag} (--{key}); the study keeps the new value")
+        values[key] = flag
+    population = cfg.optimizer.population
+    if population is None and cfg.optimizer.sampler != "cmaes":
+        population = stored.get("population") or max(values["workers"], 1)
+    return Settings(values["budget"], values["minutes"], values["workers"], population)
+
+
+def _check_stored_config(rec: StudyRecord, cfg: ExperimentConfig, resume: bool) -> str | None:
+    """A changed experiment is refused unless --resume; returns the diff to report when accepted."""
     stored = rec.get("config")
-    if stored is not None and stored != cfg.snapshot():
-        diff = config_diff(stored, cfg.snapshot())
-        if not resume:
-            raise StudyError(f"study {rec.name!r} exists with a different experiment:\n{diff}\n"
-                             "Run with --resume to continue it with this experiment, "
-                             "or give a new --study name.")
-        printer(f"continuing {rec.name!r} with a changed experiment:\n{diff}")
-    rec.set("config", cfg.snapshot())
-    rec.set("fingerprint", cfg.fingerprint())
+    if stored is None or stored == cfg.snapshot():
+        return None
+    diff = config_diff(stored, cfg.snapshot())
+    if not resume:
+        raise StudyError(f"study {rec.name!r} exists with a different experiment:\n{diff}\n"
+                         "Run with --resume to continue it with this experiment, "
+                         "or give a new --study name.")
+    return diff
 
 
-def _claim(rec: StudyRecord, takeover: bool) -> None:
-    """One controller per study: a live heartbeat from another one refuses this run."""
-    from evomerge.status import controller_identity, controller_dead_here, effective_state
+def _check_sampler_state(rec: StudyRecord, sampler) -> None:
+    problem = sampler.state_problem(rec.get("sampler_state"))
+    if problem:
+        raise StudyError(f"study {rec.name!r} cannot continue with this experiment: {problem}. Its stored "
+                         "search state only fits the population and search space it was made with; restore "
+                         "them, or start a new study with --study NAME.")
 
-    if rec.get("state") == "running":
-        owner = rec.get("controller") or {}
-        age = time.time() - (rec.get("heartbeat") or 0)
-        who = f"host {owner.get('host')}, pid {owner.get('pid')}, heartbeat {age:.0f} s ago"
-        if effective_state(rec) == "running":
+
+def claim(rec: StudyRecord, takeover: bool) -> int:
+    """One controller per study: an atomic compare-and-set on the study's lease; returns the token."""
+    from evomerge.lease import retry
+    from evomerge.status import STALE_AFTER, controller_identity, owner_dead_here
+
+    lease = rec.lease
+    seen = retry(lease.read)
+    if seen is not None and not seen.released:
+        owner = seen.owner
+        who = f"host {owner.get('host')}, pid {owner.get('pid')}, heartbeat {seen.beat_age:.0f} s ago"
+        if seen.beat_age <= STALE_AFTER and not owner_dead_here(owner):
             raise StudyError(f"study {rec.name!r} is already being run by another controller ({who}). "
                              f"Pause it with `evomerge pause {rec.name}`, or wait for it to finish.")
-        if not controller_dead_here(rec) and not takeover:
+        if not owner_dead_here(owner) and not takeover:
             raise StudyError(f"study {rec.name!r} was left running by a controller that stopped answering "
                              f"({who}). If it is gone, retry with --takeover.")
+    epoch = lease.swap(seen, controller_identity())
+    if epoch is None:
+        raise StudyError(f"study {rec.name!r} was claimed by another controller at the same moment; "
+                         f"see `evomerge status {rec.name}`")
     rec.set("controller", controller_identity())
+    return epoch
 
 
 class Heartbeat:
-    """Writes the controller's heartbeat on a timer, so long candidates do not look like a crash."""
+    """Beats on a timer, so long candidates do not look like a crash; notices a lost lease.
 
-    def __init__(self, rec: StudyRecord) -> None:
+    A failed beat (a storage hiccup) is retried at once and at every tick after; it never stops
+    the run. Only a lease that another controller now holds makes `lost` true.
+    """
+
+    def __init__(self, rec: StudyRecord, epoch: int) -> None:
         from evomerge.status import HEARTBEAT_SECONDS
 
-        self.rec, self.period = rec, HEARTBEAT_SECONDS
+        self.rec, self.epoch, self.period = rec, epoch, HEARTBEAT_SECONDS
+        self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="evomerge-heartbeat", daemon=True)
 
+    def beat(self) -> None:
+        from evomerge.lease import retry
+
+        try:
+            if not retry(lambda: self.rec.lease.beat(self.epoch), attempts=3, pause=0.2):
+                self.lost = True
+                return
+            self.rec.heartbeat()
+        except Exception:  # a storage hiccup must not kill the run; the next beat retries
+            pass
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.period):
-            try:
-                self.rec.heartbeat()
-            except Exception:  # a storage hiccup must not kill the run; the next beat retries
-                pass
+        while not self._stop.wait(self.period) and not self.lost:
+            self.beat()
+
+    def guard(self) -> None:
+        """Called before each write that matters: stop at once if another controller took over."""
+        from evomerge.lease import retry
+
+        if self.lost or not retry(lambda: self.rec.lease.beat(self.epoch), attempts=3, pause=0.2):
+            self.lost = True
+            raise LeaseLost(f"study {self.rec.name!r} was taken over by another controller; this one stops "
+                            "without writing more")
 
     def __enter__(self) -> "Heartbeat":
-        self.rec.heartbeat()
+        self.beat()
         self._thread.start()
         return self
 
@@ -111,7 +184,6 @@ def resume_study(name: str, storage: str, opts: RunOptions = RunOptions(),
                  printer: Callable[[str], None] = print) -> dict:
     """Continue a study from the experiment snapshot stored in it; the YAML is not needed."""
     from evomerge.config import config_from_dict
-    from evomerge.study import load
 
     try:
         rec = load(name, storage)
@@ -134,9 +206,9 @@ def _first_stage_of(name: str, storage: str) -> StudyRecord:
     """`evomerge resume HYBRID` names the run; its studies are HYBRID.<stage>."""
     import optuna
 
-    from evomerge.study import load, open_storage
+    from evomerge.study import open_storage
 
-    for summary in optuna.get_all_study_summaries(open_storage(storage), include_best_trial=False):
+    for summary in optuna.get_all_study_summaries(open_storage(storage, create=False), include_best_trial=False):
         if summary.study_name.startswith(name + "."):
             rec = load(summary.study_name, storage)
             if (rec.get("hybrid") or {}).get("study") == name:
@@ -153,58 +225,101 @@ def run_any(cfg: ExperimentConfig, opts: RunOptions = RunOptions(), printer: Cal
     return run_experiment(cfg, opts, printer)
 
 
-def build_space(cfg: ExperimentConfig):
-    """The search space, from config files and safetensors headers only (no weights loaded)."""
-    refs = cfg.source_refs() + ([cfg.base_ref()] if cfg.base else [])
-    layers = {r.name: int(inspect(r, allow_pickle=cfg.allow_pickle).config["num_hidden_layers"]) for r in refs}
-    head = cfg.base.name if cfg.base else cfg.sources[0].name
-    return cfg.space(layers[head], layers)
-
-
 def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
                    printer: Callable[[str], None] = print) -> dict:
-    """Run (or continue) the study of `cfg`; returns the summary that is also written to disk."""
+    """Run (or continue) the study of `cfg`; returns the summary that is also written to disk.
+
+    Everything that can be checked is checked before the first write, so a refused run leaves an
+    existing study exactly as it was and creates no new one.
+    """
     name = opts.study or cfg.name
-    storage = opts.storage or cfg.storage or default_storage(name, opts.runs_dir)
-    space = build_space(cfg)
+    storage = opts.storage or cfg.storage or default_storage(name, opts.runs_dir, create=False)
+    space = preflight(cfg, storage, printer)
     references = reference_rows(opts.compare, cfg)
-    workers = cfg.resources.workers if opts.workers is None else opts.workers
-    sampler = make_sampler(cfg.optimizer.sampler, space, cfg.optimizer.seed, cfg.optimizer.population, workers)
+    existing = load(name, storage) if exists(name, storage) else None
+    diff = _check_stored_config(existing, cfg, opts.resume) if existing else None
+    settings = resolve_settings(cfg, opts, existing.get("settings") if existing else None, printer)
+    sampler = make_sampler(cfg.optimizer.sampler, space, cfg.optimizer.seed, settings.population, settings.workers)
+    if existing:
+        _check_sampler_state(existing, sampler)
+
     rec = create_or_load(name, storage, study_sampler(sampler))
-    _claim(rec, opts.takeover)
-    _adopt_config(rec, cfg, opts.resume, printer)
-    budget = opts.budget if opts.budget is not None else cfg.optimizer.budget.trials
-    minutes = opts.minutes if opts.minutes is not None else cfg.optimizer.budget.minutes
-    rec.set("budget", budget)
+    barrier("claim")
+    epoch = claim(rec, opts.takeover)
+    if diff:
+        printer(f"continuing {name!r} with a changed experiment:\n{diff}")
+    if opts.hybrid is not None:
+        rec.set("hybrid", opts.hybrid)
+    rec.set("config", cfg.snapshot())
+    rec.set("fingerprint", cfg.fingerprint())
+    rec.set("settings", settings.as_dict())
+    rec.set("budget", settings.budget)
     rec.set("state", "running")
     rec.set("desired_state", "running")
     if rec.get("started") is None:
         rec.set("started", time.time())
+    resume_line = f"evomerge resume {name} --storage {storage}"
     printer(f"study {name!r} in {storage}\n  {len(space.dims)} evolvable parameters, {cfg.optimizer.sampler} "
-            f"population {sampler.population}, budget {budget} trials, {max(workers, 1)} worker(s)")
+            f"population {sampler.population}, budget {settings.budget} trials, {max(settings.workers, 1)} "
+            "worker(s)")
+    heartbeat = Heartbeat(rec, epoch)
     try:
-        with Heartbeat(rec):
-            pool = make_pool(cfg, workers, opts, printer)
+        with heartbeat:
+            pool = make_pool(cfg, settings.workers, opts, printer)
             try:
-                controller = Controller(cfg, rec, space, sampler, pool, budget=budget, minutes=minutes,
-                                        printer=printer)
+                controller = Controller(cfg, rec, space, sampler, pool, budget=settings.budget,
+                                        minutes=settings.minutes, printer=printer, guard=heartbeat.guard)
                 controller.run_baselines()
                 final = controller.run()
                 summary = build_summary(cfg, rec, pool)
                 summary["rows"] += references
             finally:
                 pool.shutdown()
-        rec.set("state", final)
+        _finish(rec, epoch, final)
+    except LeaseLost as exc:
+        raise StudyError(str(exc)) from exc
     except WorkersLost as exc:
-        rec.set("state", "stopped")
-        raise StudyError(f"{exc}. Every finished trial is saved in the study; fix the cause (memory, "
-                         f"GPUs, the cluster) and continue with `evomerge resume {name} --storage {storage}`") from exc
-    except BaseException:
-        rec.set("state", "stopped")
+        _finish(rec, epoch, "stopped")
+        raise StudyError(f"{exc}. Every finished trial is saved in the study and the candidates in flight are "
+                         f"still RUNNING, to be scored on resume; fix the cause (memory, GPUs, the cluster) and "
+                         f"continue with `{resume_line}`") from exc
+    except BaseException as exc:
+        if existing is None and not _has_data(rec):
+            _discard(rec, epoch)
+        else:
+            _finish(rec, epoch, "stopped")
+        if isinstance(exc, KeyboardInterrupt):
+            printer(f"interrupted; the study keeps every finished trial. Continue with `{resume_line}`")
         raise
     if final == "paused":
-        printer(f"paused; continue with `evomerge resume {name} --storage {storage}`")
+        printer(f"paused; continue with `{resume_line}`")
     summary["state"] = final
     path = write_summary(summary, run_dir_for(storage, name))
     printer("\n" + format_table(summary) + f"\n\nsummary: {path}")
     return summary
+
+
+def _finish(rec: StudyRecord, epoch: int, state: str) -> None:
+    """The final state is written only while this controller still holds the study."""
+    row = rec.lease.read()
+    if row is None or row.epoch != epoch:
+        return
+    rec.set("state", state)
+    rec.lease.release(epoch)
+
+
+def _has_data(rec: StudyRecord) -> bool:
+    return bool(rec.study.get_trials(deepcopy=False)) or bool(rec.baselines())
+
+
+def _discard(rec: StudyRecord, epoch: int) -> None:
+    """A study this run created and that holds nothing yet is removed again, not left 'stopped'."""
+    import optuna
+
+    row = rec.lease.read()
+    if row is None or row.epoch != epoch:
+        return
+    rec.lease.release(epoch)
+    from evomerge.study import open_storage
+
+    optuna.delete_study(study_name=rec.name, storage=open_storage(rec.storage_url))

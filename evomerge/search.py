@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from evomerge.config import ExperimentConfig
 from evomerge.evaluate import combine_docs, fitness_of
 from evomerge.faults import crash_point
-from evomerge.sampler import GenerationSampler, Proposal
+from evomerge.sampler import GenerationSampler, Proposal, derived_seed
 from evomerge.space import PSSpace
 from evomerge.study import StudyRecord
 from evomerge.workers import Job, JobResult
@@ -69,8 +69,10 @@ class Controller:
     """Runs the candidate search of one study against a worker pool."""
 
     def __init__(self, cfg: ExperimentConfig, record: StudyRecord, space: PSSpace, sampler: GenerationSampler,
-                 pool, *, budget: int | None, minutes: float | None, printer: Callable[[str], None] = print) -> None:
+                 pool, *, budget: int | None, minutes: float | None, printer: Callable[[str], None] = print,
+                 guard: Callable[[], None] = lambda: None) -> None:
         self.cfg, self.rec, self.space, self.sampler, self.pool = cfg, record, space, sampler, pool
+        self.guard = guard  # raises once another controller holds the study: checked before each write
         self.budget, self.deadline = budget, (time.time() + 60 * minutes) if minutes else None
         self.printer = printer
         self.tasks = cfg.task_specs("fitness")
@@ -108,6 +110,7 @@ class Controller:
             name = res.job.id.removeprefix("source:")
             if not res.ok:
                 raise RuntimeError(f"baseline {name!r} could not be scored: {res.error}")
+            self.guard()
             self.rec.add_baseline(name, {"kind": res.job.meta["kind"], "scores": res.scores,
                                          "fitness": res.fitness, "recipe": res.job.recipe})
             self.printer(f"baseline {name:>24s}: fitness {res.fitness:.4f}")
@@ -135,7 +138,9 @@ class Controller:
                 if self._pause_requested():
                     return "paused"
                 return "finished" if self._out_of_budget() else "stopped"
-            self.rec.set("sampler_state", self.sampler.update(generation, state, results))
+            new_state = self.sampler.update(generation, state, results)
+            self.guard()
+            self.rec.set("sampler_state", new_state)
             crash_point("update")
         return "finished"
 
@@ -143,6 +148,7 @@ class Controller:
         """Repair what a crash can leave: trials enqueued but never asked become RUNNING (to be
         re-run), and trials asked from an Optuna sampler but never labelled with their generation
         are closed as FAIL (their candidate is asked again)."""
+        self.guard()
         dists = self.space.distributions()
         while any(t.state == TrialState.WAITING for t in self.rec.study.get_trials(deepcopy=False)):
             self.rec.study.ask(dists)
@@ -158,6 +164,7 @@ class Controller:
         if self.budget is not None:
             unfinished = sum(t.state not in FINISHED for t in existing.values())
             missing = missing[:max(0, self.budget - self._finished_count() - unfinished)]
+        self.guard()
         proposals = {p.index: p for p in self.sampler.propose(generation, state, self.rec.study, missing)}
         results: dict[int, float | None] = {}
         todo: list[tuple[int, Proposal]] = []
@@ -202,6 +209,7 @@ class Controller:
         raise RuntimeError(f"trial of generation {generation}, index {index} is missing from the study")
 
     def _create_trial(self, generation: int, prop: Proposal) -> int:
+        self.guard()
         attrs = {"generation": generation, "index": prop.index}
         study = self.rec.study
         if prop.trial is None:
@@ -216,18 +224,19 @@ class Controller:
         """One job per shard, so idle workers can help finish a candidate another worker started."""
         recipe = self.space.decode(prop.params).to_dict()
         self._set_trial_attr(number, "recipe", recipe)
+        seed = derived_seed(self.cfg.fitness.seed, "candidate", generation, prop.index)
         for k, shard in enumerate(self.shards):
-            self.pool.submit(Job(f"trial:{number}/{k}", recipe=recipe, shard=shard,
+            self.pool.submit(Job(f"trial:{number}/{k}", recipe=recipe, shard=shard, seed=seed,
                                  meta={"trial": number, "generation": generation, "index": prop.index}))
 
     def _set_trial_attr(self, number: int, key: str, value) -> None:
-        storage, study = self.rec.study._storage, self.rec.study
-        storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study._study_id, number), key, value)
+        self.rec.set_trial_attr(number, key, value)
 
     def _tell(self, parts: list[JobResult]) -> float | None:
         """Combine a candidate's shard results and record them on its trial."""
         first = parts[0]
         number, generation = first.job.meta["trial"], first.job.meta["generation"]
+        self.guard()
         failed = [p for p in parts if not p.ok]
         scores = first.scores if len(parts) == 1 and first.job.shard is None else (
             {} if failed else combine_docs([p.docs for p in parts]))

@@ -13,29 +13,42 @@ from typing import Callable
 
 from evomerge.config import BEST_OF, ExperimentConfig
 from evomerge.report import best_trial, format_table, write_summary
-from evomerge.study import create_or_load, default_storage, run_dir_for
+from evomerge.study import default_storage, load, run_dir_for
 
 
 def save_best_checkpoint(stage_cfg: ExperimentConfig, recipe_dict: dict, out: Path) -> Path:
-    """Materialize a stage's best recipe as a plain Hugging Face checkpoint (safetensors)."""
+    """Materialize a stage's best recipe as a plain Hugging Face checkpoint (safetensors).
+
+    It is written into a temporary directory beside `out` and renamed into place when complete,
+    so a crash mid-write never leaves a directory that looks like a finished checkpoint.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
     from evomerge.recipe import recipe_from_dict
     from evomerge.workers import make_materializer
 
-    if (out / "config.json").exists():
+    if out.is_dir():
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    materializer, tokenizer_path = make_materializer(stage_cfg)
-    recipe = recipe_from_dict(recipe_dict)
-    from transformers import AutoTokenizer
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        materializer, tokenizer_path = make_materializer(stage_cfg)
+        recipe = recipe_from_dict(recipe_dict)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
+        if recipe.kind == "dfs":
+            from evomerge.stack_export import save_standard_checkpoint
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
-    if recipe.kind == "dfs":
-        from evomerge.stack_export import save_standard_checkpoint
-
-        save_standard_checkpoint(materializer.models, recipe, tokenizer, out)
-    else:
-        materializer.apply(recipe).save_pretrained(out)
-        tokenizer.save_pretrained(out)
+            save_standard_checkpoint(materializer.models, recipe, tokenizer, tmp)
+        else:
+            materializer.apply(recipe).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -50,21 +63,21 @@ def run_stages(cfg: ExperimentConfig, opts, printer: Callable[[str], None] = pri
     from evomerge.runner import run_experiment
 
     study = opts.study or cfg.name
-    storage = opts.storage or cfg.storage or default_storage(study, opts.runs_dir)
+    storage = opts.storage or cfg.storage or default_storage(study, opts.runs_dir, create=False)
     best_paths: dict[str, str] = {}
     combined: dict | None = None
     for i, stage in enumerate(cfg.stages):
         stage_cfg = cfg.for_stage(i, best_paths)
         name = f"{study}.{stage.name}"
-        rec = create_or_load(name, storage)
-        rec.set("hybrid", {"config": cfg.snapshot(), "study": study, "stage": stage.name})
+        hybrid = {"config": cfg.snapshot(), "study": study, "stage": stage.name}
         printer(f"\n== stage {i + 1}/{len(cfg.stages)}: {stage.name} ({stage_cfg.search_space.kind}) ==")
-        summary = run_experiment(stage_cfg, replace(opts, study=name, storage=storage, budget=None), printer)
+        summary = run_experiment(stage_cfg, replace(opts, study=name, storage=storage, budget=None, hybrid=hybrid),
+                                 printer)
         if summary.get("state") != "finished":
             return summary
         combined = _combine(combined, summary, stage.name)
         if _needed_later(cfg, i):
-            best = best_trial(rec)
+            best = best_trial(load(name, storage))
             out = run_dir_for(storage, study) / "stages" / stage.name / "best"
             best_paths[stage.name] = str(save_best_checkpoint(stage_cfg, best.user_attrs["recipe"], out))
     combined.update(study=study, storage=storage, state="finished")

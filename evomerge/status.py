@@ -65,19 +65,36 @@ def effective_state(rec: StudyRecord, now: float | None = None) -> str:
 
     Gone means: its heartbeat is stale, or it ran on this host and its process no longer exists
     (so a crash on a laptop can be resumed at once, without waiting for the heartbeat to age).
+    The heartbeat's age comes from the study's lease, stamped and read by the storage's clock;
+    studies without one fall back to the controller's own timestamps.
     """
     state = rec.get("state", "new")
     if state != "running":
         return state
-    beat = rec.get("heartbeat")
-    if beat is None or (now or time.time()) - beat > STALE_AFTER:
+    if controller_dead_here(rec):
         return "crashed"
-    return "crashed" if controller_dead_here(rec) else state
+    age = heartbeat_age(rec, now)
+    return "crashed" if age is None or age > STALE_AFTER else state
+
+
+def heartbeat_age(rec: StudyRecord, now: float | None = None) -> float | None:
+    try:
+        row = rec.lease.read()
+    except Exception:  # a storage that cannot hold the lease table (read-only): use the attribute
+        row = None
+    if row is not None and not row.released:
+        return max(0.0, row.beat_age)
+    beat = rec.get("heartbeat")
+    return None if beat is None else (now or time.time()) - beat
 
 
 def controller_dead_here(rec: StudyRecord) -> bool:
     """The recorded controller ran on this host and its process no longer exists."""
     owner = rec.get("controller") or {}
+    return owner_dead_here(owner)
+
+
+def owner_dead_here(owner: dict) -> bool:
     return owner.get("host") == socket.gethostname() and bool(owner.get("pid")) and not _pid_alive(owner["pid"])
 
 
@@ -88,7 +105,7 @@ def study_status(rec: StudyRecord) -> StudyStatus:
     sources = {n: b for n, b in rec.baselines().items() if b["kind"] == "source"}
     top = max(sources, key=lambda n: sources[n]["fitness"]) if sources else None
     default = rec.baselines().get("default merge")
-    beat = rec.get("heartbeat")
+    age = heartbeat_age(rec)
     return StudyStatus(
         study=rec.name, storage=rec.storage_url, state=effective_state(rec),
         trials_done=len(done) + sum(t.state == TrialState.FAIL for t in trials),
@@ -96,7 +113,7 @@ def study_status(rec: StudyRecord) -> StudyStatus:
         best_fitness=best.value if best else None, best_trial=best.number if best else None,
         best_source=top, best_source_fitness=sources[top]["fitness"] if top else None,
         default_merge_fitness=default["fitness"] if default else None,
-        heartbeat_age=None if beat is None else round(time.time() - beat, 1),
+        heartbeat_age=None if age is None else round(age, 1),
     )
 
 
@@ -108,6 +125,6 @@ def discover_storages(runs_dir: str | Path = "runs") -> list[str]:
 def list_studies(storages: list[str]) -> list[StudyStatus]:
     out = []
     for url in storages:
-        for summary in optuna.get_all_study_summaries(open_storage(url), include_best_trial=False):
+        for summary in optuna.get_all_study_summaries(open_storage(url, create=False), include_best_trial=False):
             out.append(study_status(load(summary.study_name, url)))
     return out

@@ -7,8 +7,9 @@ a study can be resumed, paused or inspected with nothing but its storage URL.
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +22,89 @@ class StudyError(RuntimeError):
     """The study cannot be opened or is in a state that forbids the action."""
 
 
-def default_storage(name: str, runs_dir: str | Path = "runs") -> str:
+def default_storage(name: str, runs_dir: str | Path = "runs", *, create: bool = True) -> str:
     path = (Path(runs_dir) / name / "study.db").resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """SQLite/PostgreSQL/MySQL URLs go to RDBStorage; a *.log / *.journal path to a journal file."""
+def journal_path(url: str) -> str | None:
+    """The journal file a storage URL names, or None for a database URL."""
     if url.startswith("journal:") or url.endswith((".log", ".journal")):
-        path = url.removeprefix("journal:")
+        return url.removeprefix("journal:")
+    return None
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a sqlite:/// URL; None for other URLs and for in-memory SQLite."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def is_in_memory(url: str) -> bool:
+    return url in ("sqlite://", "sqlite:///:memory:") or url.startswith("sqlite:///:memory:?")
+
+
+def storage_file(url: str) -> Path | None:
+    journal = journal_path(url)
+    return Path(journal) if journal else sqlite_path(url)
+
+
+def open_storage(url: str, *, create: bool = True) -> optuna.storages.BaseStorage:
+    """SQLite/PostgreSQL/MySQL URLs go to RDBStorage; a *.log / *.journal path to a journal file.
+
+    With create=False (every read-only command) a SQLite or journal file that does not exist is
+    an error, not a new empty study database.
+    """
+    file = storage_file(url)
+    if file is not None and not create and not file.exists():
+        raise StudyError(f"no study database at {file} (from storage {url!r}); check the path, or list the "
+                         "studies under ./runs with `evomerge list`")
+    if file is not None and file.is_dir():
+        raise StudyError(f"storage {url!r} names a directory ({file}); give the study database file inside it "
+                         "(e.g. sqlite:///runs/NAME/study.db)")
+    journal = journal_path(url)
+    if journal:
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(path))
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(journal))
+        except OSError as exc:
+            raise StudyError(f"cannot open journal storage {journal}: {exc}") from exc
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as exc:
-        raise StudyError(f"cannot open storage {url!r}: {exc}. Use sqlite:///path.db, "
-                         "postgresql://user:pw@host/db, mysql://... or a journal file path ending in .log") from exc
+        raise StudyError(f"cannot open storage {url!r}: {_first_line(exc)}. Use sqlite:///path.db, "
+                         "postgresql://user:pw@host/db, mysql://... or a journal file path ending in .log"
+                         ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_writable(url: str) -> None:
+    """Refuse, before anything runs, a study database this process cannot write to."""
+    file = storage_file(url)
+    if file is None:
+        return
+    if file.exists():
+        try:
+            os.close(os.open(file, os.O_WRONLY | os.O_APPEND))
+        except OSError as exc:
+            raise StudyError(f"the study database {file} cannot be written ({exc.strerror}); make it writable "
+                             "(chmod u+w, or chattr -i if it is immutable), or copy it and give the copy as "
+                             "--storage") from None
+        return
+    parent = file.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise StudyError(f"storage {url!r}: cannot create {file} ({parent} is not writable); give another --storage")
 
 
 def run_dir_for(storage_url: str, name: str) -> Path:
@@ -56,6 +122,9 @@ class StudyRecord:
 
     study: optuna.Study
     storage_url: str
+    storage: optuna.storages.BaseStorage | None = field(default=None, repr=False, compare=False)
+    _lease: Any = field(default=None, repr=False, compare=False)
+    _trial_ids: dict = field(default_factory=dict, repr=False, compare=False)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.study.user_attrs.get(PREFIX + key, default)
@@ -67,8 +136,24 @@ class StudyRecord:
     def name(self) -> str:
         return self.study.study_name
 
+    def set_trial_attr(self, number: int, key: str, value: Any) -> None:
+        """Set a user attribute on any trial by number (Optuna's Trial object is gone after a resume)."""
+        storage = self.storage
+        if number not in self._trial_ids:
+            study_id = storage.get_study_id_from_name(self.name)
+            self._trial_ids[number] = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        storage.set_trial_user_attr(self._trial_ids[number], key, value)
+
     def heartbeat(self) -> None:
         self.set("heartbeat", time.time())
+
+    @property
+    def lease(self):
+        from evomerge.lease import lease_for
+
+        if self._lease is None:
+            self._lease = lease_for(self.storage_url, self.name)
+        return self._lease
 
     def baselines(self) -> dict[str, dict]:
         return dict(self.get("baselines", {}))
@@ -80,18 +165,31 @@ class StudyRecord:
         self.set("baselines", current)
 
 
+def exists(name: str, storage_url: str) -> bool:
+    """Whether the study is there, without creating its database."""
+    file = storage_file(storage_url)
+    if file is not None and not file.exists():
+        return False
+    storage = open_storage(storage_url, create=False)
+    return name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+
+
 def create_or_load(name: str, storage_url: str, sampler: optuna.samplers.BaseSampler | None = None) -> StudyRecord:
+    file = storage_file(storage_url)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
     storage = open_storage(storage_url)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                 sampler=sampler, load_if_exists=True)
-    return StudyRecord(study, storage_url)
+    return StudyRecord(study, storage_url, storage)
 
 
 def load(name: str, storage_url: str, sampler: optuna.samplers.BaseSampler | None = None) -> StudyRecord:
-    storage = open_storage(storage_url)
+    """An existing study; never creates a database or a study."""
+    storage = open_storage(storage_url, create=False)
     try:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise StudyError(f"no study {name!r} in {storage_url}; studies there: {names or 'none'}") from None
-    return StudyRecord(study, storage_url)
+    return StudyRecord(study, storage_url, storage)

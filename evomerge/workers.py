@@ -27,6 +27,7 @@ class Job:
     source: str | None = None
     shard: dict[str, list[int]] | None = None
     attempts: int = 0
+    seed: int | None = None  # seeds sampling tasks; derived from the candidate, so a re-run samples the same
     meta: dict = field(default_factory=dict)
 
 
@@ -63,7 +64,8 @@ class CandidateWorker:
         self._evaluators: dict[str, Evaluator] = {}
         self._loaded: tuple | None = None
         self._make_evaluator = lambda split: Evaluator(
-            cfg.task_specs(split), include_paths=cfg.fitness.include, seed=cfg.fitness.seed,
+            cfg.task_specs(split), include_paths=cfg.fitness.include, include_label="fitness.include",
+            seed=cfg.fitness.seed,
             batch_size=cfg.fitness.batch_size)
         self.evaluator("fitness")
 
@@ -97,12 +99,14 @@ class CandidateWorker:
 
     def run(self, job: Job) -> JobResult:
         from evomerge.faults import crash_point
+        from evomerge.sampler import derived_seed
 
         crash_point("worker_run")
         start = time.perf_counter()
         try:
             model = self.load(job)
-            res = self.evaluator(job.split).evaluate(model, self.tokenizer, shard=job.shard)
+            seed = job.seed if job.seed is not None else derived_seed(self.cfg.fitness.seed, job.id)
+            res = self.evaluator(job.split).evaluate(model, self.tokenizer, shard=job.shard, seed=seed)
             return JobResult(job, True, res.scores, res.fitness, time.perf_counter() - start, self.worker_id,
                              docs=res.docs if job.shard is not None else {})
         except Exception as exc:  # a failed candidate must not stop the study
@@ -123,7 +127,7 @@ def make_materializer(cfg):
                                 allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
         return mat, mat.base_path
     sources = open_sources(cfg.source_refs(), cfg.base_ref(), dtype=r.dtype, device=device,
-                           allow_pickle=cfg.allow_pickle, placement=r.placement)
+                           allow_pickle=cfg.allow_pickle, placement=r.placement, methods=[cfg.search_space.method])
     return Materializer(sources, trust_remote_code=cfg.trust_remote_code), sources.base.path
 
 
@@ -171,7 +175,8 @@ class WorkersLost(RuntimeError):
 class RayPool:
     """One actor per worker; a job goes to whichever actor is idle, results come back as they finish.
 
-    An actor that dies mid-job has its job re-queued (up to `max_attempts`) and is replaced.
+    An actor that dies mid-job is replaced and its job re-queued; when workers keep dying (or one job
+    has taken down `2 * max_attempts` of them) the pool raises `WorkersLost` with its jobs unfinished.
     """
 
     def __init__(self, snapshot: dict, workers: int, *, cpus: float = 1, gpus: float = 0,
@@ -181,6 +186,7 @@ class RayPool:
         self.ray = ray
         self.snapshot, self.cpus, self.gpus = snapshot, cpus, gpus
         self.max_attempts = max_attempts
+        self.max_job_attempts = 2 * max_attempts
         self.on_event = on_event or (lambda msg: None)
         self.actor_cls = ray.remote(CandidateWorker)
         self.size = workers
@@ -193,7 +199,11 @@ class RayPool:
         for _ in range(workers):
             self.idle.append(self._spawn())
         # Fail early and clearly if a worker cannot even start (bad path, out of memory, ...).
-        ray.get([a.ping.remote() for a in self.idle])
+        try:
+            ray.get([a.ping.remote() for a in self.idle])
+        except ray.exceptions.RayError as exc:
+            self.shutdown()
+            raise WorkersLost(f"the workers could not start: {_first_line(exc)}") from exc
 
     def _spawn(self):
         self._spawned += 1
@@ -221,7 +231,10 @@ class RayPool:
             self.running[actor.run.remote(job)] = (actor, job)
 
     def next_result(self) -> JobResult:
-        """Block until a job finishes; handle dead actors without losing their job."""
+        """Block until a job finishes. A job whose worker was lost (the actor or its node died, it was
+        killed for memory, its result was lost) is never the candidate's fault: it goes to another
+        worker. When workers keep dying, `WorkersLost` stops the run with the job unfinished."""
+        exceptions = self.ray.exceptions
         while not self.ready:
             if not self.running:
                 raise RuntimeError("no job is running and none is queued")
@@ -232,28 +245,29 @@ class RayPool:
                 self.ready.append(self.ray.get(ref))
                 self.idle.append(actor)
                 self._deaths_in_a_row = 0
-            except self.ray.exceptions.RayActorError as exc:
+            except exceptions.RayTaskError as exc:  # raised inside run() itself: the candidate's own failure
+                self.ready.append(JobResult(job, False, error=_first_line(exc)))
+                self.idle.append(actor)
+            except exceptions.RayError as exc:
                 self._deaths_in_a_row += 1
-                # Every worker and a replacement for each died with nothing finishing in between.
-                if self._deaths_in_a_row >= max(2 * self.size, self.max_attempts + 1):
-                    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise WorkersLost(f"{self._deaths_in_a_row} workers died in a row (last: {first_line}); "
-                                      "the last one was scoring " + job.id) from exc
+                # Every worker and a replacement for each died with nothing finishing in between, or
+                # this one job has now taken down several workers.
+                if self._deaths_in_a_row >= max(2 * self.size, self.max_attempts + 1) or \
+                        job.attempts >= self.max_job_attempts:
+                    raise WorkersLost(f"{self._deaths_in_a_row} workers died in a row (last: {_first_line(exc)}); "
+                                      f"the last one was scoring {job.id} (attempt {job.attempts})") from exc
                 self._replace(actor, job, exc)
             self._dispatch()
         return self.ready.pop(0)
 
     def _replace(self, actor, job: Job, exc: Exception) -> None:
         self.on_event(f"worker died while scoring {job.id} ({type(exc).__name__}, attempt {job.attempts}); "
-                      "starting a replacement")
+                      "it goes to another worker; starting a replacement")
         try:
             self.ray.kill(actor)
         except Exception:
             pass
-        if job.attempts >= self.max_attempts:
-            self.ready.append(JobResult(job, False, error=f"worker died {job.attempts} times: {exc}"))
-        else:
-            self.queue.insert(0, job)
+        self.queue.insert(0, job)
         self.idle.append(self._spawn())
 
     def shutdown(self) -> None:
@@ -262,6 +276,11 @@ class RayPool:
                 self.ray.kill(actor)
             except Exception:
                 pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> str:

@@ -376,13 +376,16 @@ def test_resume_of_a_hybrid_stage_is_refused_while_another_stage_runs(tmp_path, 
     assert r.status == 409 and "&#x27;hyb.dfs&#x27; is running" in r.text and launcher.calls == []
 
 
-def test_resume_of_a_crashed_study_takes_over(tmp_path, launcher):
+def test_resume_of_a_crashed_study_never_adds_takeover(tmp_path, launcher):
+    """Only a person who knows the old controller is gone may force a takeover; the resumed
+    controller takes over by itself only when that controller's process is gone from this host."""
     url = f"sqlite:///{tmp_path / 'crashed.db'}"
     write_study(url, state="running", heartbeat=time.time() - 3600)
     app = DashboardApp(DashboardConfig(storages=[url], export_root=tmp_path / "x"), launcher=launcher)
     assert 'class="state crashed"' in call(app, "GET", "/").text
     assert post(app, "resume", app.guard.form_token).status == 303
-    assert launcher.calls[0][0][-1] == "--takeover"
+    assert launcher.calls[0][0][-3:] == ["resume", STUDY, "--storage", url][-3:]
+    assert "--takeover" not in launcher.calls[0][0]
 
 
 def test_resume_on_a_ray_cluster_submits_a_job(storage, tmp_path, launcher):

@@ -136,8 +136,9 @@ class Actions:
                     "records them, and exits.")
         return f"pause recorded for {ref.name!r}; it is {state}, so there is no controller to stop now."
 
-    def resume_command(self, ref: StudyRef, takeover: bool) -> list[str]:
-        args = ["resume", ref.name, "--storage", ref.storage] + (["--takeover"] if takeover else [])
+    def resume_command(self, ref: StudyRef) -> list[str]:
+        """Never with --takeover: only a person who knows the old controller is gone may force it."""
+        args = ["resume", ref.name, "--storage", ref.storage]
         if self.ray_address:
             ray = Path(self.python).with_name("ray")
             return [str(ray) if ray.exists() else "ray", "job", "submit", "--address", self.ray_address,
@@ -160,7 +161,7 @@ class Actions:
             raise ActionRefused(f"a controller for {ref.name!r} was started from this dashboard "
                                 f"{time.time() - starting[-1].started:.0f} s ago (pid {starting[-1].process.pid}) "
                                 f"and is still running; see its log {starting[-1].log}")
-        command = self.resume_command(ref, takeover=rec.get("state") == "running")
+        command = self.resume_command(ref)
         log = run_dir_for(ref.storage, ref.name) / f"resume-{stamp()}.log"
         return self.jobs.add(Job("resume", ref, command, log, self.launcher(command, log)))
 

@@ -107,7 +107,7 @@ class Storages:
             raise NotFound(f"no storage #{index}; this dashboard serves {len(self.urls)} storage(s)")
         with self._lock:
             if index not in self._opened:
-                self._opened[index] = open_storage(self.urls[index])
+                self._opened[index] = open_storage(self.urls[index], create=False)
             return self._opened[index]
 
     def ref(self, index: int, name: str) -> StudyRef:

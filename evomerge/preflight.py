@@ -1,0 +1,53 @@
+"""Everything a run checks before its first write: storage, sources, tokenizer, tasks, space.
+
+A run that fails here has written nothing: no study is created, an existing one is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from evomerge.config import ConfigError, ExperimentConfig
+from evomerge.sources import check_compatible, check_tokenizer, inspect
+from evomerge.study import check_writable, is_in_memory
+
+
+def preflight(cfg: ExperimentConfig, storage: str, printer: Callable[[str], None] = print):
+    """Validate the run and return its search space (built from config files and headers only)."""
+    if is_in_memory(storage):
+        printer(f"warning: storage {storage!r} is an in-memory SQLite database: the study, its trials and its "
+                "best recipe are gone when this process exits, and it cannot be resumed. Give a file, e.g. "
+                "--storage sqlite:///runs/NAME/study.db")
+    check_writable(storage)
+    space = build_space(cfg)
+    check_tokenizer(_tokenizer_ref(cfg), trust_remote_code=cfg.trust_remote_code)
+    _check_tasks(cfg)
+    return space
+
+
+def build_space(cfg: ExperimentConfig):
+    """The search space, from config files and safetensors headers only (no weights loaded)."""
+    refs = cfg.source_refs() + ([cfg.base_ref()] if cfg.base else [])
+    infos = {r.name: inspect(r, allow_pickle=cfg.allow_pickle) for r in refs}
+    if not cfg.is_dfs():
+        check_compatible({n: i.config for n, i in infos.items()}, {n: i.shapes for n, i in infos.items()})
+    layers = {n: int(i.config["num_hidden_layers"]) for n, i in infos.items()}
+    head = cfg.base.name if cfg.base else cfg.sources[0].name
+    return cfg.space(layers[head], layers)
+
+
+def _tokenizer_ref(cfg: ExperimentConfig):
+    """The model whose tokenizer the workers load: the base (PS) or model A (DFS)."""
+    if cfg.is_dfs():
+        return cfg.ref(cfg.search_space.model_a)
+    return cfg.base_ref() or cfg.source_refs()[0]
+
+
+def _check_tasks(cfg: ExperimentConfig) -> None:
+    """Both splits in one call: lm-eval's built-in task index is built once (about 10 s), not twice."""
+    from evomerge.evaluate import TaskError, validate_tasks
+
+    try:
+        validate_tasks(cfg.task_specs("fitness") + cfg.task_specs("test"), cfg.fitness.include)
+    except TaskError as exc:
+        raise ConfigError(str(exc)) from None
