@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -13,14 +14,56 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_EXPERIMENT = REPO_ROOT / "experiments" / "toy_ps.yaml"
 
 
+def _int_at_least(least: int, what: str):
+    """An argparse type: a whole number >= `least`, else a message saying what is expected."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give {what}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is too small; give {what}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _positive_float(what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {what}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text} is not usable; give {what}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number; give 0-65535 (0 picks a free one)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port; give 0-65535 (0 picks a free one)")
+    return value
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", help="study name (default: the experiment's name)")
     p.add_argument("--storage", help="Optuna storage URL: sqlite:///x.db, postgresql://..., mysql://..., "
                                      "or a journal file path ending in .log (default: sqlite under ./runs/NAME/)")
-    p.add_argument("--budget", type=int, help="total candidate trials (overrides optimizer.budget.trials)")
-    p.add_argument("--minutes", type=float, help="wall-time budget in minutes (overrides optimizer.budget.minutes)")
-    p.add_argument("--workers", type=int, help="number of workers (overrides resources.workers); 0 runs "
-                                               "candidates in this process without Ray")
+    p.add_argument("--budget", type=_int_at_least(1, "the total number of candidate trials, 1 or more"),
+                   help="total candidate trials (overrides optimizer.budget.trials)")
+    p.add_argument("--minutes", type=_positive_float("a wall-time budget in minutes above 0"),
+                   help="wall-time budget in minutes (overrides optimizer.budget.minutes)")
+    p.add_argument("--workers", type=_int_at_least(0, "0 or more workers (0 runs candidates in this process)"),
+                   help="number of workers (overrides resources.workers); 0 runs "
+                        "candidates in this process without Ray")
     p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local instance)")
     p.add_argument("--compare", action="append", type=Path, default=[], metavar="SUMMARY_JSON",
                    help="add the evolved row of another run's summary.json to the result table (e.g. the "
@@ -37,9 +80,10 @@ def _run_options(args: argparse.Namespace, **extra):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from evomerge.config import load_config
+
+    cfg = load_config(args.experiment)  # before the heavy imports, so a bad file is reported at once
     from evomerge.runner import run_any
 
-    cfg = load_config(args.experiment)
     run_any(cfg, _run_options(args, resume=args.resume))
     return 0
 
@@ -120,9 +164,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from evomerge.config import load_config
-    from evomerge.plan import format_plan, make_plans
 
     cfg = load_config(args.experiment)
+    from evomerge.plan import format_plan, make_plans
+
     measured = _measured_seconds(cfg, args.storage)
     plans = make_plans(cfg, measured_seconds=measured, workers=args.workers, eval_tokens=args.eval_tokens)
     if args.json:
@@ -168,7 +213,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from evomerge.export import export_study
 
     export_study(args.study_name, _storage_for(args.study_name, args.storage), args.trial, out=args.out,
-                 max_shard_size=args.max_shard_size, device=args.device, force=args.force)
+                 max_shard_size=args.max_shard_size, device=args.device, force=args.force,
+                 rescore=not args.no_rescore, verify=not args.no_verify)
     return 0
 
 
@@ -207,6 +253,11 @@ def _add_export_parsers(sub) -> None:
     p.add_argument("--trial", type=int, help="trial number (default: the best COMPLETE candidate)")
     p.add_argument("--storage", help="storage URL (default: ./runs/STUDY/study.db)")
     checkpoint_options(p)
+    p.add_argument("--no-rescore", action="store_true",
+                   help="skip scoring the written checkpoint again on the study's fitness tasks (by default its "
+                        "fitness is shown beside the study's in the card, with a warning when they differ)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="export even if a source's weights differ from the ones the study scored")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("merge", help="materialize a recipe file into a checkpoint (no study needed)",
@@ -248,7 +299,7 @@ def _add_dashboard_parser(sub) -> None:
                    help="storage URL; repeat for several (default: every ./runs/*/study.db)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any non-loopback address needs --token)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--token", help="access token (16+ characters) every request must carry, required off "
                                    "loopback (default: $EVOMERGE_DASHBOARD_TOKEN)")
     p.add_argument("--export-root", default="runs/exports",
@@ -284,8 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "when the study already has trials. Exits 2 when the plan cannot fit.")
     p.add_argument("experiment", help="experiment YAML")
     p.add_argument("--storage", help="storage URL of the study, to estimate time from its measured trials")
-    p.add_argument("--workers", type=int, help="plan for this many workers (default: resources.workers)")
-    p.add_argument("--eval-tokens", type=int, default=1024, help="prompt + generation tokens per eval sequence")
+    p.add_argument("--workers", type=_int_at_least(0, "0 or more workers"),
+                   help="plan for this many workers (default: resources.workers)")
+    p.add_argument("--eval-tokens", type=_int_at_least(1, "1 or more tokens per eval sequence"), default=1024,
+                   help="prompt + generation tokens per eval sequence")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 
@@ -335,27 +388,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors whose message is for the user (what is wrong, which field, the fix): printed as one
+# `evomerge: error: ...` paragraph, exit 2. Matched by (module, class name) against the modules
+# already imported, so main() imports nothing heavy (torch, lm-eval, Ray) just to catch them: an
+# exception cannot be an instance of a class whose module was never imported.
+USER_ERRORS = (
+    ("evomerge.config", "ConfigError"), ("evomerge.sources", "SourceError"), ("evomerge.study", "StudyError"),
+    ("evomerge.recipe", "RecipeError"), ("evomerge.export", "ExportError"), ("evomerge.methods", "MergeError"),
+    ("evomerge.trials", "TrialsError"), ("evomerge.toy", "ToyWorldError"), ("evomerge.space", "SpaceError"),
+    ("evomerge.dfs", "DFSRecipeError"), ("evomerge.stack", "StackError"), ("evomerge.evaluate", "EvaluatorError"),
+    ("evomerge.dashboard.security", "DashboardError"),
+)
+
+# Exit status when stdout is closed early (`evomerge status | head -1`): 128 + SIGPIPE, what the
+# shell reports for any tool that a closed pipe stops (`yes | head -1`), so `set -o pipefail`
+# scripts see the usual status and the output is never claimed to be complete.
+EXIT_STDOUT_CLOSED = 141
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return False
+
+
+def _stdout_is_closed() -> bool:
+    """True when stdout's reader has gone (a BrokenPipeError from a socket is a real error)."""
+    try:
+        import select
+
+        fd = sys.stdout.fileno()
+        if not hasattr(select, "poll"):
+            return True
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from evomerge.config import ConfigError
-    from evomerge.export import ExportError
-    from evomerge.methods import MergeError
-    from evomerge.recipe import RecipeError
-    from evomerge.sources import SourceError
-    from evomerge.study import StudyError
-    from evomerge.toy import ToyWorldError
-    from evomerge.trials import TrialsError
-
     try:
-        return args.func(args)
-    except (ConfigError, SourceError, StudyError, RecipeError, ExportError, MergeError, TrialsError,
-            ToyWorldError) as exc:
+        code = args.func(args)
+        sys.stdout.flush()  # a closed stdout shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_is_closed():
+            raise
+        _silence_stdout()
+        return EXIT_STDOUT_CLOSED
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("evomerge: interrupted; the study keeps every finished trial. Continue with "
-              "`evomerge run EXPERIMENT.yaml` (same study name).", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # The runner re-raises with the exact resume command once a study exists.
+        print("evomerge: interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
 
 

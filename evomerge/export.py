@@ -5,14 +5,28 @@ materialized exactly as a worker does it (same sources, dtype and in-place merge
 exported checkpoint holds the tensors the trial was scored on, and `evomerge merge recipe.yaml`
 rebuilds them bit for bit. A recipe's `kind` picks how it is parsed, built and translated for
 mergekit (`RECIPE_KINDS`), so other kinds (DFS) add an entry instead of branching here.
+
+Order of work, so that a refused or failed export costs little and leaves nothing behind:
+check the recipe (method, values, dtype) and that its sources exist, then hash the sources and
+compare them with what the recipe (merge) or the study (export) recorded, and only then load
+weights. Everything is written into a staging directory beside --out (`.NAME.partial-*`) that
+is renamed to --out at the end (with --force, its files replace the old export's); on any
+failure the staging directory, and any parent directory the export created, is removed.
+
+`export_study` then re-scores the written checkpoint (loaded back with transformers) with the
+study's fitness tasks, through an evaluator built as the workers build theirs, and puts that
+fitness beside the study's in the card and summary.json, warning when they differ.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import shutil
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,11 +35,18 @@ import yaml
 
 from evomerge import _callable_module
 from evomerge.mergekit_config import MergekitConfig, mergekit_config
-from evomerge.recipe import PSRecipe, RecipeError, recipe_from_dict
-from evomerge.sources import SourceRef, resolve_path, weight_files
+from evomerge.recipe import PSRecipe, RecipeError, check_recipe, recipe_from_dict
+from evomerge.sources import SourceRef, read_config, resolve_path, weight_files
 
 DEFAULT_SHARD_SIZE = "5GB"
 _WEIGHT_GLOBS = ("model*.safetensors", "model.safetensors.index.json")
+# What an export writes: with --force these files of an older export are replaced or removed, so
+# a DFS export over a PS one leaves no stale mergekit.yaml (other files in the directory stay).
+_EXPORT_GLOBS = _WEIGHT_GLOBS + ("recipe.yaml", "mergekit.yaml", "README.md", "summary.json", "fitness.png",
+                                 "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                                 "chat_template.*", "vocab.*", "merges.txt", "added_tokens.json")
+STUDY_FINGERPRINTS = "source_fingerprints"  # study attribute: {source name: fingerprint} when the study ran
+MTIME_SLACK_SECONDS = 60.0  # clock skew allowed between a shared file system and the controller
 
 
 class ExportError(ValueError):
@@ -66,6 +87,7 @@ class ExportResult:
     fingerprints: dict = field(default_factory=dict)
     trial: int | None = None
     fitness: float | None = None
+    rescore: dict | None = None  # export_study: the written checkpoint's own fitness (see evomerge.rescore)
 
 
 # -- recipe kinds ---------------------------------------------------------------------------
@@ -75,7 +97,7 @@ def _build_ps(recipe: PSRecipe, opts: BuildOptions) -> Built:
     from evomerge.sources import open_sources
 
     sources = open_sources(recipe.sources, recipe.base, dtype=recipe.dtype, device=opts.device,
-                           allow_pickle=opts.allow_pickle)
+                           allow_pickle=opts.allow_pickle, methods=[recipe.method])
     model = Materializer(sources, trust_remote_code=opts.trust_remote_code).apply(recipe)
     return Built(model, recipe, sources.base.path, list(sources.base.shapes))
 
@@ -155,32 +177,176 @@ def fingerprints(refs: list[SourceRef], allow_pickle: bool = False) -> dict[str,
     return {r.name: source_fingerprint(r, allow_pickle) for r in refs}
 
 
-def check_fingerprints(expected: dict, actual: dict) -> None:
+def check_fingerprints(expected: dict, actual: dict, *, made_by: str = "this recipe was made from",
+                       way_out: str = "point the recipe at the original weights, or merge with --no-verify") -> None:
     """A recipe names the exact weights it was evolved on; other weights would give another model."""
     for name, want in expected.items():
         got = actual.get(name)
         if got is not None and got["sha256"] != want.get("sha256"):
-            raise ExportError(f"source {name!r} at {got['path']} is not the checkpoint this recipe was made "
-                              f"from (sha256 {got['sha256'][:12]}..., recipe has {str(want.get('sha256'))[:12]}...); "
-                              "point the recipe at the original weights, or merge with --no-verify")
+            raise ExportError(f"source {name!r} at {got['path']} is not the checkpoint {made_by} "
+                              f"(sha256 {got['sha256'][:12]}..., expected {str(want.get('sha256'))[:12]}...); "
+                              f"{way_out}")
+
+
+def record_source_fingerprints(rec, cfg, printer: Callable[[str], None] = print) -> dict:
+    """Store the sha256 of every source's weights in the study (once: the first run's are kept).
+
+    `export` compares them with the weights it finds, so a checkpoint whose weights changed after
+    the study scored them is not exported under the study's fitness. Hashes are cached per file.
+    """
+    stored = rec.get(STUDY_FINGERPRINTS)
+    if stored:
+        return stored
+    refs = list(dict.fromkeys([*cfg.source_refs(), *([cfg.base_ref()] if cfg.base else [])]))
+    printer("hashing the source weights (sha256, cached per file) ...")
+    prints = fingerprints(refs, cfg.allow_pickle)
+    rec.set(STUDY_FINGERPRINTS, prints)
+    return prints
+
+
+def check_study_sources(rec, refs: list[SourceRef], current: dict, allow_pickle: bool = False) -> None:
+    """Refuse to export a study whose sources are not the weights it scored.
+
+    With the sha256 the study recorded when it ran: any difference is refused. A study that
+    recorded none (made before evomerge recorded them): a weight file modified after the study
+    started is refused, since nothing can show it is unchanged.
+    """
+    way_out = ("restore the weights the study scored (or point the source back at them), or export "
+               "anyway with --no-verify (the card would then show the study's fitness for other weights)")
+    stored = rec.get(STUDY_FINGERPRINTS)
+    if isinstance(stored, dict) and stored:
+        check_fingerprints({n: stored[n] for n in current if n in stored}, current,
+                           made_by=f"study {rec.name!r} scored", way_out=way_out)
+        return
+    started = rec.get("started")
+    if started is None:
+        return
+    for ref in refs:
+        path = resolve_path(ref, allow_pickle=allow_pickle)
+        for f in weight_files(path, ref.name, allow_pickle):
+            mtime = f.resolve().stat().st_mtime
+            if mtime > float(started) + MTIME_SLACK_SECONDS:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime))
+                began = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(started)))
+                raise ExportError(f"source {ref.name!r}: {f} was modified at {when}, after study {rec.name!r} "
+                                  f"started ({began}), and the study recorded no sha256 of its sources to show "
+                                  f"the weights are the ones it scored; {way_out}")
+
+
+# -- checks before any weight is read ---------------------------------------------------------
+
+def recipe_refs(recipe) -> list[SourceRef]:
+    """Every checkpoint a recipe reads: the base (PS) and the sources, each once."""
+    return ([recipe.base] if getattr(recipe, "base", None) else []) + list(recipe.sources)
+
+
+def check_recipe_sources(recipe, allow_pickle: bool = False) -> None:
+    """Each source exists (a directory with config.json and weights) and has the layers the recipe uses."""
+    depth = {}
+    for ref in recipe_refs(recipe):
+        path = resolve_path(ref, allow_pickle=allow_pickle)
+        config = read_config(path, ref.name)
+        weight_files(path, ref.name, allow_pickle)
+        depth[ref.name] = config.get("num_hidden_layers", config.get("n_layer"))
+    if getattr(recipe, "kind", "ps") == "dfs":
+        for k, hop in enumerate(recipe.path):
+            n = depth.get(hop.model)
+            if n is not None and hop.layer >= int(n):
+                raise RecipeError(f"hop {k} runs layer {hop.layer} of {hop.model!r}, which has {n} layers")
+        return
+    ref = recipe.base or recipe.sources[0]
+    n = depth.get(ref.name)
+    if n is not None and int(n) != recipe.num_layers:
+        raise RecipeError(f"the recipe is for {recipe.num_layers} layers, but {ref.name!r} at {ref.path} has {n}")
+
+
+def parse_recipe(recipe_dict: dict, allow_pickle: bool = False):
+    """The recipe object, after every check that needs no weights (see the module docstring)."""
+    recipe = recipe_kind(recipe_dict).parse(recipe_dict)
+    check_recipe(recipe)
+    check_recipe_sources(recipe, allow_pickle)
+    return recipe
 
 
 # -- outputs ---------------------------------------------------------------------------------
 
-def prepare_out_dir(out: str | Path, force: bool = False) -> Path:
-    """An empty (or new) directory; with `force`, an existing one whose old weight shards are removed."""
+def check_out_dir(out: str | Path, force: bool = False) -> Path:
+    """--out as a path, refused when it is a file or a non-empty directory (unless `force`)."""
     p = Path(out).expanduser()
     if p.exists() and not p.is_dir():
         raise ExportError(f"output {p} is a file; give a directory (it is created if missing)")
-    if p.is_dir() and any(p.iterdir()):
-        if not force:
-            raise ExportError(f"output directory {p} is not empty; give a new directory or use --force "
-                              "to overwrite the export in it")
-        for pattern in _WEIGHT_GLOBS:
-            for f in p.glob(pattern):
-                f.unlink()
-    p.mkdir(parents=True, exist_ok=True)
+    if p.is_dir() and any(p.iterdir()) and not force:
+        raise ExportError(f"output directory {p} is not empty; give a new directory or use --force "
+                          "to overwrite the export in it")
     return p
+
+
+class StagedOutput:
+    """A staging directory beside --out (inside it when the parent is not writable), moved to --out
+    at `commit`; removed on failure.
+
+    Used as a context manager: an exception inside removes the staging directory and any parent
+    of --out that it created, so a failed export leaves the file system as it found it (an
+    existing --out, empty or holding an older export, is not touched until `commit`).
+    """
+
+    def __init__(self, out: str | Path, force: bool = False) -> None:
+        self.out = check_out_dir(out, force)
+        self.force = force
+        self.created: list[Path] = []
+        self.dir: Path | None = None
+
+    def __enter__(self) -> Path:
+        target = self.out.absolute()
+        parent = target.parent
+        missing = [p for p in [parent, *parent.parents] if not p.exists()]
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.created = missing  # deepest first
+            try:
+                self.dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
+            except OSError:  # a parent we may not write to: stage inside the (existing) --out instead
+                if not target.is_dir():
+                    raise
+                self.dir = Path(tempfile.mkdtemp(prefix=".evomerge.partial-", dir=target))
+        except OSError as exc:
+            self.__exit__(type(exc), exc, None)
+            raise ExportError(f"cannot write the output {self.out}: {exc}") from exc
+        umask = os.umask(0)
+        os.umask(umask)
+        self.dir.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; --out gets a normal directory's mode
+        return self.dir
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            return
+        if self.dir is not None and self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+        for p in self.created:
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+    def commit(self) -> Path:
+        """Move the staged files to --out: one rename when --out does not exist yet."""
+        staged = self.dir
+        if not self.out.exists():
+            os.rename(staged, self.out)
+        else:  # an empty --out, or (--force) an older export: replace its files, drop those this one lacks
+            if not self.force and any(f.resolve() != staged.resolve() for f in self.out.iterdir()):
+                raise ExportError(f"output directory {self.out} was written to while this export ran; "
+                                  "give a new directory or use --force")
+            new = {f.name for f in staged.iterdir()}
+            for pattern in _EXPORT_GLOBS:
+                for f in self.out.glob(pattern):
+                    if f.is_file() and f.name not in new:
+                        f.unlink()
+            for f in staged.iterdir():
+                os.replace(f, self.out / f.name)
+            staged.rmdir()
+        self.dir = None
+        return self.out
 
 
 def write_checkpoint(built: Built, out: Path, max_shard_size: str | int, trust_remote_code: bool = False) -> None:
@@ -201,14 +367,19 @@ def _recipe_yaml(recipe_dict: dict, prints: dict, header: list[str]) -> str:
 
 
 def write_recipe_outputs(recipe_dict: dict, out: Path, *, opts: BuildOptions, max_shard_size: str | int,
-                         header: list[str], verify: bool = True, printer: Callable[[str], None] = print
-                         ) -> tuple[ExportResult, Built]:
-    """recipe.yaml, mergekit.yaml (when the kind has one) and the checkpoint, into `out`."""
+                         header: list[str], verify: bool = True, printer: Callable[[str], None] = print,
+                         recipe=None, prints: dict | None = None) -> tuple[ExportResult, Built]:
+    """recipe.yaml, mergekit.yaml (when the kind has one) and the checkpoint, into `out`.
+
+    `recipe` and `prints` (the parsed recipe, the sources' fingerprints) when the caller already
+    has them; otherwise the recipe is checked and the sources hashed here, before any load.
+    """
     kind = recipe_kind(recipe_dict)
-    recipe = kind.parse(recipe_dict)
-    printer("hashing the source weights (sha256, cached per file) ...")
-    refs = ([recipe.base] if getattr(recipe, "base", None) else []) + list(recipe.sources)
-    prints = fingerprints(refs, opts.allow_pickle)
+    if recipe is None:
+        recipe = parse_recipe(recipe_dict, opts.allow_pickle)
+    if prints is None:
+        printer("hashing the source weights (sha256, cached per file) ...")
+        prints = fingerprints(recipe_refs(recipe), opts.allow_pickle)
     if verify and isinstance(recipe_dict.get("fingerprints"), dict):
         check_fingerprints(recipe_dict["fingerprints"], prints)
     printer("materializing the recipe ...")
@@ -227,7 +398,7 @@ def write_recipe_outputs(recipe_dict: dict, out: Path, *, opts: BuildOptions, ma
             res.mergekit_notes = mk.notes
     else:
         res.mergekit_notes = [f"no mergekit.yaml: mergekit cannot express a {recipe_dict.get('kind')!r} recipe"]
-    printer(f"writing the checkpoint to {out} ...")
+    printer("writing the checkpoint ...")
     write_checkpoint(built, out, max_shard_size, opts.trust_remote_code)
     res.files += sorted(p for p in out.iterdir() if p.name not in ("recipe.yaml", "mergekit.yaml"))
     return res, built
@@ -293,8 +464,14 @@ def pick_trial(rec, number: int | None):
 
 def export_study(study: str, storage: str | None = None, trial: int | None = None, *, out: str | Path,
                  max_shard_size: str | int = DEFAULT_SHARD_SIZE, device: str = "cpu", force: bool = False,
+                 rescore: bool = True, verify: bool = True,
                  printer: Callable[[str], None] = print) -> ExportResult:
-    """Write a trial (default: the best) of a study as recipe, mergekit config, checkpoint and card."""
+    """Write a trial (default: the best) of a study as recipe, mergekit config, checkpoint and card.
+
+    `rescore`: score the written checkpoint again with the study's fitness tasks and show that
+    fitness beside the study's (card, summary.json, printed; a warning when they differ).
+    `verify`: refuse sources whose weights are not the ones the study scored (`check_study_sources`).
+    """
     from evomerge.config import config_from_dict
     from evomerge.modelcard import write_study_card
     from evomerge.study import load
@@ -306,18 +483,39 @@ def export_study(study: str, storage: str | None = None, trial: int | None = Non
         raise ExportError(f"study {study!r} in {url} was not made by evomerge (no experiment snapshot)")
     cfg = config_from_dict(rec.get("config"), where=f"snapshot of {study!r}")
     t = pick_trial(rec, trial)
-    target = prepare_out_dir(out, force)
+    check_out_dir(out, force)
+    opts = BuildOptions(device, cfg.allow_pickle, cfg.trust_remote_code)
+    recipe_dict = t.user_attrs["recipe"]
+    recipe = parse_recipe(recipe_dict, opts.allow_pickle)
+    printer("hashing the source weights (sha256, cached per file) ...")
+    prints = fingerprints(recipe_refs(recipe), opts.allow_pickle)
+    if verify:
+        check_study_sources(rec, recipe_refs(recipe), prints, opts.allow_pickle)
+    staging = StagedOutput(out, force)
     printer(f"exporting trial {t.number} of {study!r} (generation {t.user_attrs['generation']}, "
-            f"fitness {t.value:.4f}) to {target}")
+            f"fitness {t.value:.4f}) to {staging.out}")
     header = [f"evomerge recipe of study {study!r}, trial {t.number} (fitness {t.value!r}).",
               "Re-run: evomerge merge recipe.yaml --out DIR"]
-    res, built = write_recipe_outputs(t.user_attrs["recipe"], target, max_shard_size=max_shard_size,
-                                      opts=BuildOptions(device, cfg.allow_pickle, cfg.trust_remote_code),
-                                      header=header, printer=printer)
-    res.trial, res.fitness = t.number, t.value
-    res.files += write_study_card(rec, cfg, t, target, recipe=built.recipe.to_dict(),
-                                  fingerprints=res.fingerprints, mergekit_notes=res.mergekit_notes,
-                                  files=res.files)
+    from evomerge.rescore import rescore_export
+
+    with staging as tmp:
+        res, built = write_recipe_outputs(recipe_dict, tmp, max_shard_size=max_shard_size, opts=opts,
+                                          header=header, printer=printer, recipe=recipe, prints=prints)
+        res.trial, res.fitness = t.number, t.value
+        exported_recipe = built.recipe.to_dict()
+        del built  # the merged model and the resident sources: the re-score loads the checkpoint instead
+        gc.collect()
+        if rescore:
+            from evomerge.rescore import rescore_export
+
+            try:
+                res.rescore = rescore_export(cfg, t, tmp, recipe.dtype, device, printer)
+            except Exception as exc:  # the export itself is complete; say why its check could not run
+                text = str(exc).strip()
+                res.rescore = {"error": f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")}
+        res.files += write_study_card(rec, cfg, t, tmp, recipe=exported_recipe, fingerprints=res.fingerprints,
+                                      mergekit_notes=res.mergekit_notes, files=res.files, rescore=res.rescore)
+        _commit(res, staging)
     _finish(res, printer)
     return res
 
@@ -330,21 +528,40 @@ def merge_recipe(recipe: str | Path | dict | Any, out: str | Path, *, device: st
     from evomerge.modelcard import CardData, write_card_files
 
     d = load_recipe_dict(recipe)
-    target = prepare_out_dir(out, force)
+    check_out_dir(out, force)
+    parsed = parse_recipe(d, allow_pickle)
+    printer("hashing the source weights (sha256, cached per file) ...")
+    prints = fingerprints(recipe_refs(parsed), allow_pickle)
+    if verify and isinstance(d.get("fingerprints"), dict):
+        check_fingerprints(d["fingerprints"], prints)
+    staging = StagedOutput(out, force)
     header = ["evomerge recipe, re-materialized by `evomerge merge`.",
               "Re-run: evomerge merge recipe.yaml --out DIR"]
-    res, built = write_recipe_outputs(d, target, opts=BuildOptions(device, allow_pickle, trust_remote_code),
-                                      max_shard_size=max_shard_size, header=header, verify=verify,
-                                      printer=printer)
-    data = CardData(recipe=built.recipe.to_dict(), fingerprints=res.fingerprints,
-                    mergekit_notes=res.mergekit_notes, has_mergekit=(target / "mergekit.yaml").exists())
-    res.files += write_card_files(data, target, None, res.files)
+    with staging as tmp:
+        res, built = write_recipe_outputs(d, tmp, opts=BuildOptions(device, allow_pickle, trust_remote_code),
+                                          max_shard_size=max_shard_size, header=header, verify=False,
+                                          printer=printer, recipe=parsed, prints=prints)
+        data = CardData(recipe=built.recipe.to_dict(), fingerprints=res.fingerprints,
+                        mergekit_notes=res.mergekit_notes, has_mergekit=(tmp / "mergekit.yaml").exists())
+        res.files += write_card_files(data, tmp, None, res.files)
+        _commit(res, staging)
     _finish(res, printer)
     return res
 
 
+def _commit(res: ExportResult, staging: StagedOutput) -> None:
+    out = staging.commit()
+    res.out, res.files = out, [out / p.name for p in res.files]
+
+
 def _finish(res: ExportResult, printer: Callable[[str], None]) -> None:
+    from evomerge.rescore import rescore_line, rescore_warning
+
     report_notes(res, printer)
+    if res.rescore is not None:
+        printer(rescore_line(res.rescore))
+        if not res.rescore.get("same", True):
+            printer(rescore_warning(res.rescore))
     printer(f"wrote {len(res.files)} files to {res.out}: " + ", ".join(sorted({p.name for p in res.files})))
 
 

@@ -61,9 +61,15 @@ class SqlLease:
 
     def _create_table(self) -> None:
         """Only a claim creates the table: reading a study never writes to its database."""
-        self._exec(f"CREATE TABLE IF NOT EXISTS {self.TABLE} (study VARCHAR(512) PRIMARY KEY, "
-                   "epoch INTEGER NOT NULL, owner TEXT NOT NULL, beat DOUBLE PRECISION NOT NULL, "
-                   "released INTEGER NOT NULL)")
+        try:
+            self._exec(f"CREATE TABLE IF NOT EXISTS {self.TABLE} (study VARCHAR(512) PRIMARY KEY, "
+                       "epoch INTEGER NOT NULL, owner TEXT NOT NULL, beat DOUBLE PRECISION NOT NULL, "
+                       "released INTEGER NOT NULL)")
+        except self.sa.exc.DBAPIError:
+            # PostgreSQL: two concurrent CREATE TABLE IF NOT EXISTS can collide in its catalog;
+            # the table exists either way once the other one commits.
+            if not self.sa.inspect(self.engine).has_table(self.TABLE):
+                raise
 
     def _exec(self, sql: str, **params):
         with self.engine.begin() as c:

@@ -1,7 +1,9 @@
 """The model card (README.md), the fitness plot and summary.json of an export.
 
 Everything here is read from what the study already holds (trials, baselines, cached test
-scores; `report.build_summary` with no pool), so writing a card never evaluates a model.
+scores; `report.build_summary` with no pool), so writing a card never evaluates a model; the one
+new number, the written checkpoint's own re-scored fitness, is computed by `evomerge.export`
+and handed in (`rescore`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class CardData:
     tasks: list[TaskColumn] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
     plot: str | None = None
+    rescore: dict | None = None  # evomerge.export.rescore_export's result; None when not re-scored
 
 
 def search_info(rec, cfg, table: pd.DataFrame) -> SearchInfo:
@@ -194,8 +197,43 @@ def _search_lines(s: SearchInfo, data: CardData) -> list[str]:
         f"{s.generations} generation(s)",
         f"- trials: {s.trials} candidates ({s.complete} complete, {s.failed} failed), budget {s.budget}",
         f"- wall time {wall}; worker time {_minutes(s.worker_seconds)}; state {s.state}",
-        f"- exported: trial {data.trial}, fitness {_fmt(data.fitness)}",
+        f"- exported: trial {data.trial}, fitness {_fmt(data.fitness)} (as the study scored it); "
+        + _rescore_summary(data.rescore),
     ]
+
+
+def _rescore_summary(r: dict | None) -> str:
+    if not r:
+        return "the written checkpoint was not re-scored"
+    if "error" in r:
+        return f"the written checkpoint could not be re-scored ({r['error']})"
+    return (f"the written checkpoint re-scored: {_fmt(r['fitness'])} "
+            f"({'the same' if r['same'] else 'DIFFERENT, see below'})")
+
+
+def _signed(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.4g}"
+
+
+def _rescore_lines(r: dict) -> list[str]:
+    """The study's fitness and the exported checkpoint's, task by task."""
+    lines = [f"The checkpoint in this directory, loaded with plain transformers ({r['dtype']}, {r['device']}), "
+             "scored again on the study's fitness tasks and docs:", "",
+             "| task | metric | study (trial) | exported checkpoint | difference |", "|---|---|---:|---:|---:|"]
+    for t in r["tasks"]:
+        lines.append(f"| {t['task']} | {t['metric']} | {_fmt(t['study'])} | {_fmt(t['exported'])} | "
+                     f"{_signed(t['difference'])} |")
+    lines.append(f"| **fitness** | weighted sum | {_fmt(r['study_fitness'])} | {_fmt(r['fitness'])} | "
+                 f"{_signed(r['difference'])} |")
+    lines.append("")
+    if r["same"]:
+        lines.append("The exported checkpoint scores what the study recorded.")
+    else:
+        lines.append("**The exported checkpoint does not score exactly what the study recorded** (the table above "
+                     "shows by how much). Small differences come from rounding: another device or dtype, or, "
+                     "for a layer-stacking (DFS) recipe, input scales folded into bfloat16/float16 weights. "
+                     "The scores table reports the study's numbers.")
+    return lines
 
 
 def card_view(recipe: dict) -> dict:
@@ -232,6 +270,8 @@ def render_card(data: CardData) -> str:
         out += ["", f"![fitness over trials]({data.plot})", "",
                 "Fitness of each candidate by trial number; the line is the best so far, dashed lines "
                 "are the sources and the default merge."]
+    if data.rescore and "error" not in data.rescore:
+        out += ["", "## The exported checkpoint, re-scored", ""] + _rescore_lines(data.rescore)
     out += ["", "## Reproduce", "", "```", "evomerge merge recipe.yaml --out merged/", "```"]
     if data.has_mergekit:
         out += ["", "With mergekit: `mergekit-yaml mergekit.yaml merged/`"
@@ -247,6 +287,7 @@ def summary_dict(data: CardData, study_storage: str | None, files: list[Path]) -
     return {
         "study": data.search.study if data.search else None, "storage": study_storage,
         "trial": data.trial, "fitness": data.fitness, "method": card_view(data.recipe)["method"],
+        "rescore": data.rescore,
         "search": asdict(data.search) if data.search else None,
         "tasks": [asdict(t) for t in data.tasks], "rows": data.rows,
         "mergekit_exact": data.has_mergekit and not data.mergekit_notes,
@@ -256,15 +297,16 @@ def summary_dict(data: CardData, study_storage: str | None, files: list[Path]) -
 
 
 def write_study_card(rec, cfg, trial, out: Path, *, recipe: dict, fingerprints: dict,
-                     mergekit_notes: list[str], files: list[Path]) -> list[Path]:
-    """fitness.png, README.md and summary.json of one exported trial of a study."""
+                     mergekit_notes: list[str], files: list[Path], rescore: dict | None = None) -> list[Path]:
+    """fitness.png, README.md and summary.json of one exported trial of a study; `rescore`: the
+    written checkpoint's own fitness (evomerge.export.rescore_export), shown beside the study's."""
     table = trials_frame(rec.study)
     baselines = {n: b["fitness"] for n, b in rec.baselines().items() if b.get("fitness") is not None}
     plot = plot_fitness(table, baselines, out / PLOT_FILE, highlight=trial.number)
     data = CardData(recipe=recipe, fingerprints=fingerprints, mergekit_notes=mergekit_notes,
                     has_mergekit=(out / "mergekit.yaml").exists(), trial=trial.number, fitness=trial.value,
                     search=search_info(rec, cfg, table), tasks=task_columns(cfg),
-                    rows=score_rows(cfg, rec, trial), plot=PLOT_FILE if plot else None)
+                    rows=score_rows(cfg, rec, trial), plot=PLOT_FILE if plot else None, rescore=rescore)
     return ([plot] if plot else []) + write_card_files(data, out, rec.storage_url, files)
 
 

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from evomerge.config import ExperimentConfig
-from evomerge.sampler import default_population
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
@@ -119,10 +118,15 @@ def memory_breakdown(cfg: ExperimentConfig, shapes: dict[str, ModelShape], space
         return {"sources resident (models A and B)": (a.params + bb.params) * b,
                 "eval activations and KV cache": _activations(a, path, cfg, eval_tokens)}
     head = shapes[cfg.base.name] if cfg.base else shapes[cfg.sources[0].name]
+    from evomerge.sources import keeps_whole_sources
+
     n = len(cfg.sources)
-    out = {"base weights": head.params * b, f"task vectors ({n})": n * head.params * b,
-           "output model": head.params * b}
     method = cfg.search_space.method
+    if keeps_whole_sources([method], cfg.base is not None):
+        out = {f"source weights ({n})": n * head.params * b, "output model": head.params * b}
+    else:
+        out = {"base weights": head.params * b, f"task vectors ({n})": n * head.params * b,
+               "output model": head.params * b}
     if method in SORTED_CACHE:
         out["sorted magnitudes (trimming cache)"] = n * head.params * b
     if method in RANK_CACHE:
@@ -190,6 +194,8 @@ def make_plan(cfg: ExperimentConfig, *, config_dir: Path | None = None, eval_tok
     if known_shapes is not None:
         known_shapes.update(shapes)
     space = cfg.space(next(iter(shapes.values())).layers, {n: s.layers for n, s in shapes.items()})
+    from evomerge.sampler import default_population  # optuna and cmaes: only once the space is built
+
     population = cfg.optimizer.population or default_population(len(space.dims))
     budget = cfg.optimizer.budget.trials
     breakdown = memory_breakdown(cfg, shapes, space, eval_tokens)

@@ -127,6 +127,36 @@ def recipe_from_dict(d: dict):
     return recipe
 
 
+def check_recipe(recipe) -> None:
+    """Everything about a parsed recipe that can be checked without its sources: dtype, and for PS
+    the method (known), its shape and every value in the method's range, group by group.
+
+    `merge` and `export` call this before hashing or loading any weight, so a bad recipe fails
+    in a second with the field named, not after minutes of loading.
+    """
+    from evomerge.methods import MergeError, get_method
+    from evomerge.sources import DTYPES
+
+    if recipe.dtype not in DTYPES:
+        raise RecipeError(f"recipe dtype {recipe.dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    if getattr(recipe, "kind", "ps") != "ps":
+        return  # a DFS recipe checked its hops and scales when it was built
+    recipe.check_shape()
+    try:
+        method = get_method(recipe.method)
+    except MergeError as exc:
+        raise RecipeError(f"recipe method: {exc}") from exc
+    if method.uses_base and recipe.base is None:
+        raise RecipeError(f"method {recipe.method!r} works on task vectors and needs a base model; the "
+                          "recipe has no 'base'")
+    for g, group in enumerate(recipe.groups):
+        per_model, glob = recipe.values_for(g)
+        try:
+            method.validate({**per_model, **glob}, len(recipe.sources))
+        except MergeError as exc:
+            raise RecipeError(f"recipe parameters, group {group!r}: {exc}") from exc
+
+
 def save_recipe(recipe: PSRecipe, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 

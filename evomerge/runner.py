@@ -15,6 +15,7 @@ from evomerge.config import ExperimentConfig
 from evomerge.report import build_summary, format_table, reference_rows, write_summary
 from evomerge.sampler import make_sampler, study_sampler
 from evomerge.search import Controller
+from evomerge.export import record_source_fingerprints
 from evomerge.faults import barrier
 from evomerge.lease import LeaseLost
 from evomerge.preflight import preflight
@@ -250,6 +251,7 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
         printer(f"continuing {name!r} with a changed experiment:\n{diff}")
     if opts.hybrid is not None:
         rec.set("hybrid", opts.hybrid)
+    record_source_fingerprints(rec, cfg, printer)
     rec.set("config", cfg.snapshot())
     rec.set("fingerprint", cfg.fingerprint())
     rec.set("settings", settings.as_dict())
@@ -289,7 +291,7 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
         else:
             _finish(rec, epoch, "stopped")
         if isinstance(exc, KeyboardInterrupt):
-            printer(f"interrupted; the study keeps every finished trial. Continue with `{resume_line}`")
+            raise KeyboardInterrupt(f"the study keeps every finished trial. Continue with `{resume_line}`") from None
         raise
     if final == "paused":
         printer(f"paused; continue with `{resume_line}`")

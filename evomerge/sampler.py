@@ -2,8 +2,8 @@
 
 Every sampler evomerge offers replays: a study killed at any point (SIGKILL included) and
 resumed proposes, trial for trial, what an uninterrupted one would, given the same seed and
-population (with no `population` configured, TPE's and random search's follow the worker count,
-so resume those with the same --workers).
+population (with no `population` configured, TPE's and random search's is the first run's worker
+count, which the study stores, so a later --workers does not change it).
 
 CMA-ES is a thin layer over the `cmaes` library whose state lives in the study and whose every
 random draw derives from (seed, generation) (Optuna's CmaEsSampler draws per-trial seeds from a

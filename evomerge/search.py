@@ -19,10 +19,10 @@ from optuna.trial import TrialState
 from evomerge.config import ExperimentConfig
 from evomerge.evaluate import combine_docs, fitness_of
 from evomerge.faults import crash_point
-from evomerge.sampler import GenerationSampler, Proposal, derived_seed
+from evomerge.sampler import GenerationSampler, Proposal
 from evomerge.space import PSSpace
 from evomerge.study import StudyRecord
-from evomerge.workers import Job, JobResult
+from evomerge.workers import Job, JobResult, candidate_seed
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -224,7 +224,7 @@ class Controller:
         """One job per shard, so idle workers can help finish a candidate another worker started."""
         recipe = self.space.decode(prop.params).to_dict()
         self._set_trial_attr(number, "recipe", recipe)
-        seed = derived_seed(self.cfg.fitness.seed, "candidate", generation, prop.index)
+        seed = candidate_seed(self.cfg, generation, prop.index)
         for k, shard in enumerate(self.shards):
             self.pool.submit(Job(f"trial:{number}/{k}", recipe=recipe, shard=shard, seed=seed,
                                  meta={"trial": number, "generation": generation, "index": prop.index}))

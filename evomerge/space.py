@@ -8,15 +8,20 @@ paper: everything starts at 0.5 with sigma 1/6 on [0, 1] ranges).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from optuna.distributions import FloatDistribution
 
 from evomerge.groups import Granularity, group_names
-from evomerge.methods import MergeMethod, get_method
-from evomerge.recipe import PSRecipe
-from evomerge.sources import SourceRef
+
+# methods, recipe and sources import torch, and optuna is slow to import: all are imported where
+# they are used, so `import evomerge.space` (e.g. for SpaceError) stays light.
+if TYPE_CHECKING:
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.methods import MergeMethod
+    from evomerge.recipe import PSRecipe
+    from evomerge.sources import SourceRef
 
 
 class SpaceError(ValueError):
@@ -55,6 +60,8 @@ class DimVector:
     dims: list[Dim]
 
     def distributions(self) -> dict[str, FloatDistribution]:
+        from optuna.distributions import FloatDistribution
+
         return {d.key: FloatDistribution(d.low, d.high) for d in self.dims}
 
     def init_params(self) -> dict[str, float]:
@@ -76,6 +83,8 @@ class PSSpace(DimVector):
                  granularity: Granularity, parameters: dict[str, ParamRange] | None,
                  fixed: dict[str, float], options: dict[str, Any], sigma: float, dare_seed: int,
                  dtype: str) -> None:
+        from evomerge.methods import get_method
+
         self.method: MergeMethod = get_method(method)
         n = len(sources)
         if n < self.method.min_models or (self.method.max_models and n > self.method.max_models):
@@ -123,6 +132,8 @@ class PSSpace(DimVector):
         return dims
 
     def decode(self, params: dict[str, float]) -> PSRecipe:
+        from evomerge.recipe import PSRecipe
+
         names = [s.name for s in self.sources]
         n = len(self.groups)
         per_model: dict[str, dict[str, list[float]]] = {}

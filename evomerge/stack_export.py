@@ -15,6 +15,16 @@ RMSNorm(v / a) = v / sqrt(mean(v^2) + a^2 * eps): a factor a != 1 changes the ef
 We take K = s_0, so hop 0's scale folds into the embeddings and the first hop, where the
 residual stream is smallest and eps matters most, is exact; hop k's branch outputs are divided
 by s_1 * ... * s_k. With tied embeddings the embedding matrix is also the head, so K = 1.
+
+Precision. Each folded tensor is upcast to float64, multiplied by K or divided by its hop's
+divisor, and cast to the export dtype once: every stored value is the export-dtype number
+nearest to (scored weight) x factor, so the fold itself rounds once per weight. (Float32
+arithmetic would round the factor and the product to float32 before the final cast: two more
+roundings, which in a float32 export change the last bit of many weights.) What remains between
+a bfloat16 export and the bfloat16 stacked model the study scored is that one rounding per
+folded weight and the stacked model's own bfloat16 arithmetic (it rounds s * h at every hop,
+which a plain model has no operation for): the same size as the gap between that stacked model
+in bfloat16 and in float32. `evomerge export` re-scores the written checkpoint to show it.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ log = logging.getLogger(__name__)
 # (Gemma's and OLMo-2's output norms would undo the fold, so they are not listed).
 FOLDABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _BRANCH_OUTPUTS = ("self_attn.o_proj.", "mlp.down_proj.")
+_FOLD_CHUNK = 1 << 24  # elements per float64 slice in folded_copy
 
 
 def fold_factors(recipe: DFSRecipe, tied: bool) -> tuple[float, list[float]]:
@@ -68,23 +79,39 @@ def export_state(models: dict[str, PreTrainedModel], recipe: DFSRecipe
     layers = _key_of(stacked, decoder(stacked).layers) + "."
     state = {}
     for key, t in stacked.state_dict().items():
-        factor = 1.0
+        multiplier, divisor = 1.0, 1.0
         if key == embed_key:
-            factor = k0
+            multiplier = k0
         elif key.startswith(layers):
             hop, rest = key[len(layers):].split(".", 1)
             if rest.startswith(_BRANCH_OUTPUTS):
-                factor = 1.0 / divisors[int(hop)]
-        state[key] = _scaled_copy(t, factor)
+                divisor = divisors[int(hop)]
+        state[key] = folded_copy(t, multiplier, divisor)
     if tied:
         state.pop(_key_of(stacked, stacked.get_output_embeddings()) + ".weight", None)
     return copy.deepcopy(stacked.config), state
 
 
-def _scaled_copy(t: torch.Tensor, factor: float) -> torch.Tensor:
-    if factor == 1.0:
-        return t.detach().clone().contiguous()
-    return (t.detach().float() * factor).to(t.dtype).contiguous()
+def folded_copy(t: torch.Tensor, multiplier: float = 1.0, divisor: float = 1.0) -> torch.Tensor:
+    """An independent copy of `t` times `multiplier` / `divisor`, rounded once to `t`'s dtype.
+
+    The product is formed in float64, whose one rounding lies 29 or more bits below a float32
+    weight's last bit, so the one cast back to `t.dtype` gives the representable value nearest
+    to the exact product (a float32 product would round the factor, then the product, first).
+    """
+    src = t.detach().contiguous()
+    if multiplier == 1.0 and divisor == 1.0:
+        return src.clone()
+    out = torch.empty_like(src)
+    flat_in, flat_out = src.view(-1), out.view(-1)
+    for start in range(0, flat_in.numel(), _FOLD_CHUNK):  # float64 a chunk at a time: a 150k-row
+        wide = flat_in[start:start + _FOLD_CHUNK].to(torch.float64)  # embedding is GBs in float64
+        if multiplier != 1.0:
+            wide.mul_(multiplier)
+        if divisor != 1.0:
+            wide.div_(divisor)
+        flat_out[start:start + _FOLD_CHUNK] = wide
+    return out
 
 
 def _key_of(model: torch.nn.Module, target) -> str:

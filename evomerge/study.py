@@ -75,7 +75,13 @@ def open_storage(url: str, *, create: bool = True) -> optuna.storages.BaseStorag
         except OSError as exc:
             raise StudyError(f"cannot open journal storage {journal}: {exc}") from exc
     try:
-        return optuna.storages.RDBStorage(url)
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception:
+            # Two processes creating Optuna's tables in a new PostgreSQL database at the same
+            # moment can collide in its catalog; the second attempt finds the tables made.
+            time.sleep(0.5)
+            return optuna.storages.RDBStorage(url)
     except Exception as exc:
         raise StudyError(f"cannot open storage {url!r}: {_first_line(exc)}. Use sqlite:///path.db, "
                          "postgresql://user:pw@host/db, mysql://... or a journal file path ending in .log"

@@ -63,10 +63,7 @@ class CandidateWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=cfg.trust_remote_code)
         self._evaluators: dict[str, Evaluator] = {}
         self._loaded: tuple | None = None
-        self._make_evaluator = lambda split: Evaluator(
-            cfg.task_specs(split), include_paths=cfg.fitness.include, include_label="fitness.include",
-            seed=cfg.fitness.seed,
-            batch_size=cfg.fitness.batch_size)
+        self._make_evaluator = lambda split: make_evaluator(cfg, split)
         self.evaluator("fitness")
 
     def evaluator(self, split: str):
@@ -112,6 +109,21 @@ class CandidateWorker:
         except Exception as exc:  # a failed candidate must not stop the study
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             return JobResult(job, False, seconds=time.perf_counter() - start, worker=self.worker_id, error=detail)
+
+
+def make_evaluator(cfg, split: str):
+    """The evaluator of one split, as every worker (and the export's re-score) builds it."""
+    from evomerge.evaluate import Evaluator
+
+    return Evaluator(cfg.task_specs(split), include_paths=cfg.fitness.include, include_label="fitness.include",
+                     seed=cfg.fitness.seed, batch_size=cfg.fitness.batch_size)
+
+
+def candidate_seed(cfg, generation: int, index: int) -> int:
+    """Seeds a candidate's sampling tasks: from its place in the search, so a re-run samples the same."""
+    from evomerge.sampler import derived_seed
+
+    return derived_seed(cfg.fitness.seed, "candidate", generation, index)
 
 
 def make_materializer(cfg):

@@ -73,3 +73,72 @@ def test_paper_hybrid_setup():
     space = stage2.space(32, {"best_of_ps": 32, "shisa_gamma": 32})
     assert len(space.slots) == 192  # M = 64 layers, r = 3
     assert stage2.optimizer.population == 128 and stage2.optimizer.budget.trials == 128 * 100
+
+
+def _ranged(**weight):
+    def mutate(c):
+        c["search_space"] = {"kind": "ps", "method": "task_arithmetic", "parameters": {"weight": weight}}
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_ranged(low=0.0, high=9.0), r"search_space\.parameters\.weight\.high: 9\.0 is outside \[-1\.0, 2\.0\]"),
+    (_ranged(low=1.0, high=0.5), r"search_space\.parameters\.weight: low 1\.0 is not below high 0\.5"),
+    (_ranged(low=0.0, high=1.0, init=1.5), r"search_space\.parameters\.weight\.init: 1\.5 is outside"),
+    (lambda c: c.update(search_space={"kind": "ps", "method": "ties", "fixed": {"density": 2.0}}),
+     r"search_space\.fixed\.density: 2\.0 is outside \[0\.01, 1\.0\]"),
+    (lambda c: c.update(search_space={"kind": "ps", "method": "tie"}), r"search_space\.method: unknown merge method"),
+    (lambda c: c["optimizer"].update(population=1), r"optimizer\.population: 1: CMA-ES needs at least 2"),
+    (lambda c: c["optimizer"].update(population=0, sampler="tpe"), r"optimizer\.population: 0 candidates"),
+    (lambda c: c["fitness"]["tasks"][1].update(weight=float("nan")), r"fitness\.tasks\[1\]\.weight: nan"),
+    (lambda c: c["fitness"]["tasks"][0].update(weight=-1), r"fitness\.tasks\[0\]\.weight: -1\.0"),
+    (lambda c: [t.update(weight=0) for t in c["fitness"]["tasks"]], r"fitness\.tasks: every task's weight is 0"),
+    (lambda c: c["optimizer"].update(budget={"trials": 0}), r"optimizer\.budget\.trials: 0 trials"),
+    (lambda c: c["optimizer"].update(budget={"minutes": float("nan")}), r"optimizer\.budget\.minutes: nan"),
+    (lambda c: c["resources"].update(workers=-1), r"resources\.workers"),
+])
+def test_values_the_run_cannot_use_name_the_field(mutate, message):
+    raw = _base()
+    mutate(raw)
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw, base_dir=REPO_ROOT / "experiments")
+
+
+def test_a_search_space_file_is_named_in_its_errors(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"kind": "ps", "method": "task_arithmetic",
+                                     "parameters": {"weight": {"low": -3.0}}}))
+    raw = _base() | {"search_space": str(space)}
+    with pytest.raises(ConfigError, match=r"search_space\.parameters\.weight\.low: .*\(in .*space\.yaml\)"):
+        config_from_dict(raw, base_dir=REPO_ROOT / "experiments")
+
+
+def test_a_directory_is_not_an_experiment(tmp_path):
+    (tmp_path / "exp.yaml").write_text("name: x\n")
+    with pytest.raises(ConfigError, match=r"is a directory; give the experiment YAML file itself \(it holds exp\.yaml\)"):
+        load_config(tmp_path)
+
+
+def test_a_dfs_space_that_the_depths_rule_out_names_the_field():
+    from evomerge.space import SpaceError
+
+    cfg = load_config(REPO_ROOT / "experiments" / "toy_dfs.yaml")
+    cfg.search_space.max_len = 99
+    with pytest.raises(SpaceError, match=r"^search_space: path length bounds"):
+        cfg.space(4)
+    stage = load_config(REPO_ROOT / "experiments" / "toy_hybrid.yaml").for_stage(1, {"ps": "/tmp/best"})
+    stage.search_space.max_len = 99
+    with pytest.raises(SpaceError, match=r"^stages\[1\]\.search_space: path length bounds"):
+        stage.space(4)
+
+
+def test_config_module_imports_nothing_heavy():
+    """A DFS file needs no method registry: reading it imports neither torch, lm-eval, Ray nor optuna."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom evomerge.config import load_config\n"
+             f"load_config({str(REPO_ROOT / 'experiments' / 'toy_dfs.yaml')!r})\n"
+             "print([m for m in ('torch', 'lm_eval', 'ray', 'optuna', 'evomerge.sources') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

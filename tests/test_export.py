@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -192,6 +193,14 @@ def test_model_card(study):
     assert [r["name"] for r in summary["rows"]] == names
     assert summary["search"]["trials"] == 6 and summary["search"]["failed"] == 1
     assert summary["rows"][-1]["objective"] == best.value
+    # the written checkpoint, re-scored: a float32 PS export is the trial's model bit for bit
+    rescore = summary["rescore"]
+    assert rescore["same"] and rescore["fitness"] == best.value == rescore["study_fitness"]
+    assert [t["task"] for t in rescore["tasks"]] == ["tiny_ll", "tiny_copy"]
+    assert all(t["exported"] == t["study"] for t in rescore["tasks"])
+    assert f"the written checkpoint re-scored: {best.value:.4f} (the same)" in card
+    assert "## The exported checkpoint, re-scored" in card and "scores what the study recorded" in card
+    assert "re-scored the exported checkpoint (float32 on cpu)" in study.printed and "warning" not in study.printed
 
 
 def test_trials_table(study, tmp_path):
@@ -240,3 +249,111 @@ def test_export_errors(study, tmp_path):
     assert code == 2 and "has no trial 99" in err
     code, _, err = _cli("export", "nope", "--out", str(tmp_path / "b"))
     assert code == 2 and "no study 'nope'" in err
+
+
+# -- issue #14: re-scoring a DFS export, nothing left behind by a failed export ---------------
+
+def test_dfs_bfloat16_export_shows_the_rescored_fitness_beside_the_studys(tmp_path):
+    """A bfloat16 DFS study of the toy experts: the export re-scores the written (folded)
+    checkpoint; the card and summary.json give both fitness figures, per task, and the difference
+    (bfloat16 rounding of the folded weights) is printed as a warning."""
+    from evomerge.config import config_from_dict
+    from evomerge.runner import RunOptions, run_experiment
+    from evomerge.toy import FIXTURES
+
+    tasks = _write_ll_tasks(tmp_path / "tasks")
+    cfg = config_from_dict({
+        "name": "dfs_bf16",
+        "sources": [{"name": "a", "path": str(FIXTURES / "expert_add")},
+                    {"name": "b", "path": str(FIXTURES / "expert_cipher")}],
+        "search_space": {"kind": "dfs", "model_a": "a", "model_b": "b", "repeats": 2, "max_len": 6,
+                         "scale_low": 0.6, "scale_high": 2.0},
+        "fitness": {"include": [str(tasks), str(TINY_TASKS)], "limit": 8,
+                    "tasks": [{"task": "tiny_ll", "metric": "perplexity"}]},
+        "optimizer": {"sampler": "random", "seed": 1, "population": 3, "budget": {"trials": 3}},
+        "resources": {"workers": 0, "dtype": "bfloat16"},
+    })
+    storage = f"sqlite:///{tmp_path / 'dfs.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EVOMERGE_CACHE_DIR", str(tmp_path / "cache"))
+        run_experiment(cfg, RunOptions(storage=storage, runs_dir=tmp_path, inline=True), printer=lambda s: None)
+        lines: list[str] = []
+        res = evomerge.export("dfs_bf16", storage, out=tmp_path / "out", printer=lines.append)
+    best = load("dfs_bf16", storage).study.best_trial
+    assert yaml.safe_load((res.out / "recipe.yaml").read_text())["kind"] == "dfs"
+    summary = json.loads((res.out / "summary.json").read_text())
+    rescore = summary["rescore"]
+    assert rescore == json.loads(json.dumps(res.rescore)) and rescore["dtype"] == "bfloat16"
+    assert rescore["study_fitness"] == best.value
+    [task] = rescore["tasks"]
+    assert task["task"] == "tiny_ll" and task["metric"] == "perplexity,none"
+    assert task["study"] == best.user_attrs["scores"]["tiny_ll"]["perplexity,none"]
+    # bfloat16 rounding, no more: the mean log-likelihood per token within 0.05 nats
+    assert abs(math.log(rescore["fitness"]) - math.log(best.value)) < 0.05
+    card = (res.out / "README.md").read_text()
+    assert f"fitness {best.value:.4f} (as the study scored it)" in card
+    assert f"the written checkpoint re-scored: {rescore['fitness']:.4f}" in card
+    row = next(line for line in card.splitlines() if line.startswith("| tiny_ll | perplexity,none |"))
+    assert f"{task['study']:.4f}" in row and f"{task['exported']:.4f}" in row
+    printed = "\n".join(lines)
+    assert f"fitness {rescore['fitness']:.4f}, the study recorded {best.value:.4f}" in printed
+    # perplexity is continuous, and the bfloat16 fold rounds: the two differ, and the export says so
+    assert not rescore["same"] and task["difference"] == task["exported"] - task["study"] != 0
+    assert "warning: the exported checkpoint does not score what the study recorded" in printed
+    assert (f"tiny_ll (perplexity,none): study {task['study']:.6g}, exported {task['exported']:.6g} "
+            f"(difference {task['difference']:+.4g})") in printed
+    assert "DIFFERENT, see below" in card and "does not score exactly what the study recorded" in card
+
+
+def test_a_failed_merge_leaves_no_output_behind(study, tmp_path, monkeypatch):
+    """A failure while writing removes what the merge created (staging dir, new parents); an
+    existing export given with --force stays as it was; a good --force run replaces it."""
+    from evomerge import export as export_mod
+
+    monkeypatch.setenv("EVOMERGE_CACHE_DIR", str(study.root / "cache"))
+    recipe = study.out / "recipe.yaml"
+
+    def broken(built, out, *args, **kwargs):
+        (out / "model-00001-of-00002.safetensors").write_bytes(b"half")
+        raise RuntimeError("disk full (injected)")
+
+    monkeypatch.setattr(export_mod, "write_checkpoint", broken)
+    target = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(RuntimeError, match="injected"):
+        merge_recipe(recipe, target, printer=lambda s: None)
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+    old = tmp_path / "old"
+    shutil.copytree(study.out, old)
+    before = {f.name: f.read_bytes() for f in old.iterdir()}
+    with pytest.raises(RuntimeError, match="injected"):
+        merge_recipe(recipe, old, force=True, printer=lambda s: None)
+    assert {f.name: f.read_bytes() for f in old.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    monkeypatch.undo()
+    (old / "notes.txt").write_text("mine")
+    (old / "model-00099-of-00099.safetensors").write_bytes(b"stale shard")
+    res = merge_recipe(recipe, old, force=True, printer=lambda s: None)
+    names = {f.name for f in old.iterdir()}
+    assert "notes.txt" in names and "model-00099-of-00099.safetensors" not in names and "fitness.png" not in names
+    assert names == {p.name for p in res.files} | {"notes.txt"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_rescore_can_be_skipped_and_its_failure_does_not_lose_the_export(study, tmp_path, monkeypatch):
+    from evomerge import export as export_mod
+
+    monkeypatch.setenv("EVOMERGE_CACHE_DIR", str(study.root / "cache"))
+    res = evomerge.export("exp", study.storage, out=tmp_path / "skip", rescore=False, printer=lambda s: None)
+    assert res.rescore is None and json.loads((res.out / "summary.json").read_text())["rescore"] is None
+    assert "the written checkpoint was not re-scored" in (res.out / "README.md").read_text()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(export_mod, "rescore_export", broken)
+    lines: list[str] = []
+    res = evomerge.export("exp", study.storage, out=tmp_path / "failed", printer=lines.append)
+    assert res.rescore == {"error": "RuntimeError: out of memory (injected)"}
+    assert (res.out / "model.safetensors.index.json").exists() or (res.out / "model.safetensors").exists()
+    assert "could not be re-scored (RuntimeError: out of memory (injected))" in (res.out / "README.md").read_text()
+    assert any(line.startswith("warning: the exported checkpoint could not be re-scored") for line in lines)

@@ -4,7 +4,6 @@ deaths that are never a candidate's fault, refused runs that write nothing, atom
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time

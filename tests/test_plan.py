@@ -26,18 +26,23 @@ def test_mistral_parameter_count_from_config():
     assert params_from_config(cfg) == 7_241_732_096
 
 
-def test_plan_memory_matches_a_real_worker(tiny_world):
-    """Resident base + task vectors + output model as planned vs as held by a worker (within 20 %)."""
+@pytest.mark.parametrize("method, with_base", [("ties", True), ("linear", True), ("linear", False),
+                                               ("slerp", False)])
+def test_plan_memory_matches_a_real_worker(tiny_world, method, with_base):
+    """Resident weights (base + task vectors, or whole sources for methods without a base) and the
+    output model, as planned vs as held by a worker (within 20 %)."""
     from evomerge.workers import make_materializer
 
     cfg = config_from_dict({
-        "name": "plan_tiny", "base": {"name": "base", "path": str(tiny_world["base"])},
-        "sources": [{"name": "a", "path": str(tiny_world["a"])}, {"name": "b", "path": str(tiny_world["b"])}],
-        "search_space": {"kind": "ps", "method": "ties"},
+        "name": "plan_tiny", "sources": [{"name": "a", "path": str(tiny_world["a"])},
+                                         {"name": "b", "path": str(tiny_world["b"])}],
+        **({"base": {"name": "base", "path": str(tiny_world["base"])}} if with_base else {}),
+        "search_space": {"kind": "ps", "method": method},
         "fitness": {"tasks": [{"task": "tiny_add"}]},
     })
     plan = make_plan(cfg)
-    planned = sum(v for k, v in plan.breakdown.items() if k.startswith(("base weights", "task vectors", "output")))
+    planned = sum(v for k, v in plan.breakdown.items()
+                  if k.startswith(("base weights", "task vectors", "source weights", "output")))
     mat, _ = make_materializer(cfg)
     model_bytes = sum(p.numel() * p.element_size() for p in mat.model.parameters())
     measured = mat.sources.resident_bytes + model_bytes

@@ -220,7 +220,9 @@ def exports_of(root: Path, ref: StudyRef, extra: list[Path] = ()) -> list[Export
     dirs = set(extra)
     study_dir = base / safe_name(ref.name)
     if study_dir.is_dir():
-        dirs.update(p for p in study_dir.iterdir() if p.is_dir() and not p.is_symlink())
+        # a name starting with '.' is an export still being written (its staging directory)
+        dirs.update(p for p in study_dir.iterdir() if p.is_dir() and not p.is_symlink()
+                    and not p.name.startswith("."))
     out = []
     for d in sorted(dirs, key=lambda p: p.stat().st_mtime if p.exists() else 0, reverse=True):
         if not d.is_dir() or not d.resolve().is_relative_to(base):

@@ -36,10 +36,13 @@ class _Handler(WSGIRequestHandler):
 def make_http_server(app, host: str, port: int) -> WSGIServer:
     """Bound and ready; port 0 picks a free port (see `server.server_port`)."""
     server_class = _Server6 if ":" in host else _Server
+    if not (isinstance(port, int) and 0 <= port <= 65535):
+        raise DashboardError(f"port {port!r} is not a TCP port; give --port between 0 and 65535 "
+                             "(0 picks a free one)")
     try:
         return make_server(host.strip("[]"), port, app, server_class=server_class, handler_class=_Handler)
-    except OSError as exc:
-        raise DashboardError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+    except (OSError, OverflowError) as exc:
+        raise DashboardError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}; "
                              "choose another --port or --host") from None
 
 
