@@ -192,8 +192,42 @@ class TaskConfig(_Strict):
         return v
 
 
+class RacingConfig(_Strict):
+    """Score a generation on growing prefixes of the fitness docs; stop candidates out of the running."""
+
+    rounds: list[float] = [0.25, 0.5, 1.0]
+    confidence: float = 0.95  # CMA-ES: one-sided confidence of the paired bound
+    # CMA-ES: the candidates a round compares against are the `top` best by estimate (a fraction
+    # of the population); None is CMA-ES's own mu (population // 2, the ones that move its mean)
+    top: float | None = None
+    p_threshold: float = 0.1  # TPE / random: Optuna's WilcoxonPruner
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds(cls, v: list[float]) -> list[float]:
+        if not v or any(not (0 < f <= 1) for f in v) or sorted(v) != v or len(set(v)) != len(v) or v[-1] != 1:
+            raise ValueError(f"{v}: give increasing fractions of the fitness docs in (0, 1] that end at 1, "
+                             "e.g. [0.25, 0.5, 1.0]")
+        return v
+
+    @field_validator("top")
+    @classmethod
+    def _top(cls, v: float | None) -> float | None:
+        if v is not None and not (0 < v <= 1):
+            raise ValueError(f"{v}: give the fraction of the population that must be out-run, in (0, 1]")
+        return v
+
+    @field_validator("confidence", "p_threshold")
+    @classmethod
+    def _probability(cls, v: float) -> float:
+        if not (0 < v < 1):
+            raise ValueError(f"{v} must be a probability strictly between 0 and 1")
+        return v
+
+
 class FitnessConfig(_Strict):
     tasks: list[TaskConfig]
+    racing: RacingConfig | None = None
     include: list[str] = []
     limit: int | None = None
     test_limit: int | None = None

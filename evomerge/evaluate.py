@@ -428,7 +428,7 @@ class Evaluator:
         can be recombined exactly."""
         if n < 1:
             raise ValueError(f"need n >= 1 shards, got {n}")
-        for spec in self.tasks:
+        for spec in self.tasks if n > 1 else ():  # one shard is the subset itself: nothing to combine
             if self._keys[spec.name].split(",")[0] not in self._mean_metrics[spec.name]:
                 raise EvaluatorError(
                     f"{spec.name}: metric {self._keys[spec.name]!r} is not mean-aggregated, "

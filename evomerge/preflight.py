@@ -48,6 +48,7 @@ def _check_tasks(cfg: ExperimentConfig) -> None:
     from evomerge.evaluate import TaskError, validate_tasks
 
     try:
-        validate_tasks(cfg.task_specs("fitness") + cfg.task_specs("test"), cfg.fitness.include)
+        specs = {s.name: s for s in cfg.task_specs("test") + cfg.task_specs("fitness")}  # a test may reuse a task
+        validate_tasks(list(specs.values()), cfg.fitness.include)
     except TaskError as exc:
         raise ConfigError(str(exc)) from None

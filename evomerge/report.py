@@ -74,7 +74,9 @@ def build_summary(cfg: ExperimentConfig, rec: StudyRecord, pool) -> dict:
         if job.id in cache:
             row["test"] = _row_scores(cache[job.id], test_tasks)
         rows.append(row)
-    return {"study": rec.name, "storage": rec.storage_url, "rows": rows}
+    from evomerge.status import docs_summary
+
+    return {"study": rec.name, "storage": rec.storage_url, "rows": rows, "docs": docs_summary(rec)}
 
 
 def reference_rows(paths, cfg: ExperimentConfig) -> list[dict]:

@@ -47,35 +47,36 @@ def config_diff(old: dict, new: dict) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """What a run uses beyond the YAML: the CLI overrides, stored in the study so `resume` keeps them."""
+    """What a run uses beyond the YAML. The CLI overrides (`overrides`, only the flags ever given)
+    are stored in the study, so `resume` keeps them; what no flag set follows the experiment."""
 
     budget: int | None
     minutes: float | None
     workers: int
     population: int | None  # TPE/random: fixed at the first run, so a later --workers cannot change it
+    overrides: dict
 
     def as_dict(self) -> dict:
-        return {"budget": self.budget, "minutes": self.minutes, "workers": self.workers,
-                "population": self.population}
+        return {"overrides": self.overrides, "population": self.population}
 
 
 def resolve_settings(cfg: ExperimentConfig, opts: RunOptions, stored: dict | None,
                      printer: Callable[[str], None]) -> Settings:
-    """The YAML's values, then what the study stored from earlier runs' flags, then this run's flags."""
+    """The experiment's values, then the flags stored by earlier runs, then this run's flags."""
     stored = stored or {}
-    base = {"budget": cfg.optimizer.budget.trials, "minutes": cfg.optimizer.budget.minutes,
-            "workers": cfg.resources.workers}
-    values = {k: stored.get(k, v) for k, v in base.items()}
+    overrides = dict(stored.get("overrides", {}))
     for key, flag in (("budget", opts.budget), ("minutes", opts.minutes), ("workers", opts.workers)):
         if flag is None:
             continue
-        if key in stored and stored[key] != flag:
-            printer(f"{key} changed from {stored[key]} to {flag} (--{key}); the study keeps the new value")
-        values[key] = flag
+        if key in overrides and overrides[key] != flag:
+            printer(f"{key} changed from {overrides[key]} to {flag} (--{key}); the study keeps the new value")
+        overrides[key] = flag
+    values = {"budget": cfg.optimizer.budget.trials, "minutes": cfg.optimizer.budget.minutes,
+              "workers": cfg.resources.workers, **overrides}
     population = cfg.optimizer.population
     if population is None and cfg.optimizer.sampler != "cmaes":
         population = stored.get("population") or max(values["workers"], 1)
-    return Settings(values["budget"], values["minutes"], values["workers"], population)
+    return Settings(values["budget"], values["minutes"], values["workers"], population, overrides)
 
 
 def _check_stored_config(rec: StudyRecord, cfg: ExperimentConfig, resume: bool) -> str | None:

@@ -19,6 +19,9 @@ from optuna.trial import TrialState
 from evomerge.config import ExperimentConfig
 from evomerge.evaluate import combine_docs, fitness_of
 from evomerge.faults import crash_point
+from evomerge.progress import Progress
+from evomerge.racing import (combine_parts, deal, docs_count, estimate, make_race, merge_docs, normalized,
+                              round_increments)
 from evomerge.sampler import GenerationSampler, Proposal
 from evomerge.space import PSSpace
 from evomerge.study import StudyRecord
@@ -26,37 +29,26 @@ from evomerge.workers import Job, JobResult, candidate_seed
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-FINISHED = (TrialState.COMPLETE, TrialState.FAIL)
+FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
 
 @dataclass
-class Progress:
-    """What the user sees while a study runs: generation, trials done/budget, best so far, ETA."""
+class Entry:
+    """A candidate of the generation still being scored."""
 
-    budget: int | None
-    printer: Callable[[str], None] = print
-    started: float = field(default_factory=time.perf_counter)
-    done_here: int = 0
-    done_before: int = 0
-    best: float = -math.inf
-    best_trial: int | None = None
-
-    def record(self, generation: int, trial: int, value: float | None, reason: str = "") -> None:
-        self.done_here += 1
-        if value is not None and value > self.best:
-            self.best, self.best_trial = value, trial
-        done = self.done_before + self.done_here
-        rate = (time.perf_counter() - self.started) / self.done_here
-        eta = f"ETA {_fmt_seconds(rate * (self.budget - done))}" if self.budget else ""
-        shown = f"{value:.4f}" if value is not None else f"FAIL ({reason[:60]})"
-        total = f"/{self.budget}" if self.budget else ""
-        self.printer(f"gen {generation:3d} | trial {done}{total} | fitness {shown} | "
-                     f"best {self.best:.4f} (#{self.best_trial}) | {rate:.2f} s/trial | {eta}")
+    prop: Proposal
+    number: int | None = None  # its trial, once created
+    docs: dict = field(default_factory=dict)  # racing: per-doc scores of the rounds done
+    passed: int = -1  # racing: the last round whose decision it survived
 
 
-def _fmt_seconds(s: float) -> str:
-    s = max(0, int(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+def result_of(t: optuna.trial.FrozenTrial) -> float | None:
+    """What the sampler is told of a finished trial: its fitness, a raced-out estimate, or None (FAIL)."""
+    if t.state == TrialState.COMPLETE:
+        return t.value
+    if t.state == TrialState.PRUNED:
+        return t.user_attrs.get("estimate")
+    return None
 
 
 def shards_per_candidate(cfg: ExperimentConfig, workers: int) -> int:
@@ -78,7 +70,17 @@ class Controller:
         self.tasks = cfg.task_specs("fitness")
         self.progress = Progress(budget, printer)
         n = shards_per_candidate(cfg, getattr(pool, "size", 1))
-        self.shards: list[dict | None] = pool.shards(n) if n > 1 else [None]
+        subset = pool.shards(1)[0]  # the seeded fitness docs, in their seeded order
+        self.full_docs = sum(len(v) for v in subset.values())
+        if record.get("fitness_docs") != self.full_docs:
+            record.set("fitness_docs", self.full_docs)
+        self.racing = cfg.fitness.racing is not None
+        if self.racing:
+            fractions = cfg.fitness.racing.rounds
+            self.rounds = [deal(docs, n) for docs in round_increments(subset, fractions)]
+        else:
+            self.rounds = [deal(subset, n) if n > 1 else [None]]
+        self.race = make_race(cfg, sampler, subset, self.rounds)
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _candidates(self) -> list[optuna.trial.FrozenTrial]:
@@ -158,6 +160,7 @@ class Controller:
                 self.rec.study.tell(t.number, state=TrialState.FAIL)
 
     def _run_generation(self, generation: int, state: dict | None) -> list[tuple[Proposal, float | None]] | None:
+        """One generation, round by round (one round unless racing); None when it could not finish."""
         existing = {t.user_attrs["index"]: t for t in self._candidates()
                     if t.user_attrs["generation"] == generation}
         missing = [i for i in range(self.sampler.population) if i not in existing]
@@ -167,40 +170,102 @@ class Controller:
         self.guard()
         proposals = {p.index: p for p in self.sampler.propose(generation, state, self.rec.study, missing)}
         results: dict[int, float | None] = {}
-        todo: list[tuple[int, Proposal]] = []
+        alive: dict[int, Entry] = {}
         for i in range(self.sampler.population):
             t = existing.get(i)
             if t is not None and t.state in FINISHED:
-                results[i] = t.value if t.state == TrialState.COMPLETE else None
+                results[i] = result_of(t)
             elif t is not None:
-                todo.append((t.number, Proposal(i, dict(t.params), t.number)))
+                alive[i] = Entry(Proposal(i, dict(t.params), t.number), t.number,
+                                 normalized(t.user_attrs.get("race_docs", {})), t.user_attrs.get("race_passed", -1))
             elif i in proposals:
-                todo.append((-1, proposals[i]))
+                alive[i] = Entry(proposals[i])
+        for r, shards in enumerate(self.rounds):
+            todo = [e for _, e in sorted(alive.items()) if self.race.rounds_done(e.docs) == r]
+            if not self._score_round(generation, r, shards, todo, alive, results):
+                return None
+            if r < len(self.rounds) - 1:
+                self._decide(generation, r, alive, results)
+        if len(results) < self.sampler.population:
+            return None
+        return [(self._proposal_of(generation, i), results[i]) for i in range(self.sampler.population)]
+
+    def _score_round(self, generation: int, r: int, shards: list, todo: list["Entry"],
+                     alive: dict[int, "Entry"], results: dict[int, float | None]) -> bool:
+        """Score round r's docs of every candidate in `todo`, keeping every worker busy."""
         pending: dict[int, list[JobResult]] = {}  # trial number -> shard results so far
+        by_number: dict[int, Entry] = {}
         while todo or pending:
             while todo and self.pool.free_slots() > 0 and not self._pause_requested():
-                if todo[0][0] < 0 and self._out_of_budget(extra=len(pending)):
+                if todo[0].number is None and self._out_of_budget(extra=len(pending)):
                     todo.clear()
                     break
-                number, prop = todo.pop(0)
-                if number < 0:
-                    number = self._create_trial(generation, prop)
+                entry = todo.pop(0)
+                if entry.number is None:
+                    entry.number = self._create_trial(generation, entry.prop)
                     crash_point("ask")
-                self._dispatch(number, generation, prop)
-                pending[number] = []
+                self._dispatch(entry.number, generation, entry.prop, shards, r)
+                pending[entry.number], by_number[entry.number] = [], entry
             if not pending:
                 break
             crash_point("score")
             res = self.pool.next_result()
             parts = pending[res.job.meta["trial"]]
             parts.append(res)
-            if len(parts) == len(self.shards):
-                del pending[res.job.meta["trial"]]
-                results[res.job.meta["index"]] = self._tell(parts)
+            if len(parts) < len(shards):
+                continue
+            entry = by_number[res.job.meta["trial"]]
+            del pending[entry.number]
+            index = entry.prop.index
+            if r == len(self.rounds) - 1 or any(not p.ok for p in parts):
+                results[index] = self._tell(parts, entry.docs)
+                alive.pop(index)
                 crash_point("tell")
-        if len(results) < self.sampler.population:
-            return None
-        return [(self._proposal_of(generation, i), results[i]) for i in range(self.sampler.population)]
+            else:
+                self._record_round(entry, parts)
+        return not todo and all(self.race.rounds_done(e.docs) > r for e in alive.values())
+
+    def _record_round(self, entry: "Entry", parts: list[JobResult]) -> None:
+        """A racing candidate finished a round that is not its last: keep its per-doc scores."""
+        self.guard()
+        entry.docs = merge_docs(entry.docs, combine_parts(parts))
+        self._set_trial_attr(entry.number, "race_docs", entry.docs)
+        self._set_trial_attr(entry.number, "docs_evaluated", docs_count(entry.docs))
+        self.race.report(self.rec, entry.number, combine_parts(parts))
+        crash_point("round")
+
+    def _decide(self, generation: int, r: int, alive: dict[int, "Entry"], results: dict[int, float | None]) -> None:
+        """After round r: race out who cannot reach the top; the rest are marked as past round r."""
+        undecided = {i: e for i, e in alive.items() if e.passed < r}
+        if not undecided:
+            return
+        out = self.race.eliminate(self.rec, r, self._generation_docs(generation, alive),
+                                  {i: e.number for i, e in undecided.items()})
+        self.guard()
+        for i, entry in sorted(undecided.items()):
+            if i in out:
+                results[i] = self._race_out(generation, r, entry)
+                alive.pop(i)
+                crash_point("tell")
+            else:
+                entry.passed = r
+                self._set_trial_attr(entry.number, "race_passed", r)
+
+    def _generation_docs(self, generation: int, alive: dict[int, "Entry"]) -> dict[int, dict]:
+        """Every candidate of the generation that has per-doc scores, finished ones included."""
+        docs = {t.user_attrs["index"]: normalized(t.user_attrs.get("race_docs", {})) for t in self._candidates()
+                if t.user_attrs["generation"] == generation}
+        docs.update({i: e.docs for i, e in alive.items()})
+        return docs
+
+    def _race_out(self, generation: int, r: int, entry: "Entry") -> float:
+        value = estimate(entry.docs, self.tasks)
+        for key, v in (("raced_out", r), ("estimate", value)):
+            self._set_trial_attr(entry.number, key, v)
+        self.rec.study.tell(entry.number, state=TrialState.PRUNED)
+        self.progress.record(generation, entry.number, value,
+                             note=f" (raced out after round {r + 1}, {docs_count(entry.docs)} docs)")
+        return value
 
     def _proposal_of(self, generation: int, index: int) -> Proposal:
         for t in self._candidates():
@@ -220,30 +285,36 @@ class Controller:
             self._set_trial_attr(prop.trial, k, v)
         return prop.trial
 
-    def _dispatch(self, number: int, generation: int, prop: Proposal) -> None:
+    def _dispatch(self, number: int, generation: int, prop: Proposal, shards: list, r: int) -> None:
         """One job per shard, so idle workers can help finish a candidate another worker started."""
         recipe = self.space.decode(prop.params).to_dict()
-        self._set_trial_attr(number, "recipe", recipe)
+        if r == 0:
+            self._set_trial_attr(number, "recipe", recipe)
         seed = candidate_seed(self.cfg, generation, prop.index)
-        for k, shard in enumerate(self.shards):
-            self.pool.submit(Job(f"trial:{number}/{k}", recipe=recipe, shard=shard, seed=seed,
+        for k, shard in enumerate(shards):
+            self.pool.submit(Job(f"trial:{number}/{r}/{k}", recipe=recipe, shard=shard, seed=seed,
                                  meta={"trial": number, "generation": generation, "index": prop.index}))
 
     def _set_trial_attr(self, number: int, key: str, value) -> None:
         self.rec.set_trial_attr(number, key, value)
 
-    def _tell(self, parts: list[JobResult]) -> float | None:
-        """Combine a candidate's shard results and record them on its trial."""
+    def _tell(self, parts: list[JobResult], earlier: dict) -> float | None:
+        """Combine a candidate's shard results (and earlier rounds') and record them on its trial."""
         first = parts[0]
         number, generation = first.job.meta["trial"], first.job.meta["generation"]
         self.guard()
         failed = [p for p in parts if not p.ok]
+        docs = {} if failed or first.job.shard is None else merge_docs(earlier, combine_parts(parts))
         scores = first.scores if len(parts) == 1 and first.job.shard is None else (
-            {} if failed else combine_docs([p.docs for p in parts]))
+            {} if failed else combine_docs([docs]))
         workers = sorted({p.worker for p in parts if p.worker})
+        evaluated = self.full_docs if first.job.shard is None else docs_count(docs or earlier)
         for key, value in (("scores", scores), ("worker", ",".join(workers)),
-                           ("seconds", round(sum(p.seconds for p in parts), 4))):
+                           ("seconds", round(sum(p.seconds for p in parts), 4)), ("docs_evaluated", evaluated)):
             self._set_trial_attr(number, key, value)
+        if self.racing and docs:
+            self._set_trial_attr(number, "race_docs", docs)
+            self.race.report(self.rec, number, combine_parts(parts))
         value = float("nan") if failed else fitness_of(scores, self.tasks)
         if failed or math.isnan(value):
             reason = failed[0].error if failed else "fitness is NaN"

@@ -32,6 +32,7 @@ class StudyStatus:
     best_source_fitness: float | None
     default_merge_fitness: float | None
     heartbeat_age: float | None
+    docs: dict | None = None  # see docs_summary
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -42,8 +43,13 @@ class StudyStatus:
         if self.best_fitness is not None and self.best_source_fitness is not None:
             vs = f" | {self.best_fitness - self.best_source_fitness:+.4f} vs best source {self.best_source}"
         budget = f"/{self.budget}" if self.budget else ""
+        docs = ""
+        if self.docs:
+            d = self.docs
+            docs = (f" | docs {d['evaluated']}/{d['full']} ({100 * d['saving']:.0f} % saved"
+                    + (f", {d['raced_out']} raced out)" if d["raced_out"] else ")"))
         return (f"{self.study}: {self.state} | trials {self.trials_done}{budget}"
-                f"{f' ({self.trials_failed} failed)' if self.trials_failed else ''} | best {best}{vs}")
+                f"{f' ({self.trials_failed} failed)' if self.trials_failed else ''} | best {best}{vs}{docs}")
 
 
 def controller_identity() -> dict:
@@ -98,6 +104,21 @@ def owner_dead_here(owner: dict) -> bool:
     return owner.get("host") == socket.gethostname() and bool(owner.get("pid")) and not _pid_alive(owner["pid"])
 
 
+def docs_summary(rec: StudyRecord, trials=None) -> dict | None:
+    """Fitness docs scored by the study's candidates, against scoring every candidate on all of
+    them (what racing saves); None for studies that did not record it."""
+    per_candidate = rec.get("fitness_docs")
+    if trials is None:
+        trials = [t for t in rec.study.get_trials(deepcopy=False) if "generation" in t.user_attrs]
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+    if not per_candidate or not finished:
+        return None
+    evaluated = sum(int(t.user_attrs.get("docs_evaluated", 0)) for t in finished)
+    full = per_candidate * len(finished)
+    return {"evaluated": evaluated, "full": full, "saving": round(1 - evaluated / full, 4),
+            "raced_out": sum(t.state == TrialState.PRUNED for t in finished)}
+
+
 def study_status(rec: StudyRecord) -> StudyStatus:
     trials = [t for t in rec.study.get_trials(deepcopy=False) if "generation" in t.user_attrs]
     done = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -108,12 +129,12 @@ def study_status(rec: StudyRecord) -> StudyStatus:
     age = heartbeat_age(rec)
     return StudyStatus(
         study=rec.name, storage=rec.storage_url, state=effective_state(rec),
-        trials_done=len(done) + sum(t.state == TrialState.FAIL for t in trials),
+        trials_done=len(done) + sum(t.state in (TrialState.FAIL, TrialState.PRUNED) for t in trials),
         trials_failed=sum(t.state == TrialState.FAIL for t in trials), budget=rec.get("budget"),
         best_fitness=best.value if best else None, best_trial=best.number if best else None,
         best_source=top, best_source_fitness=sources[top]["fitness"] if top else None,
         default_merge_fitness=default["fitness"] if default else None,
-        heartbeat_age=None if age is None else round(age, 1),
+        heartbeat_age=None if age is None else round(age, 1), docs=docs_summary(rec, trials),
     )
 
 

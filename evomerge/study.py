@@ -142,13 +142,19 @@ class StudyRecord:
     def name(self) -> str:
         return self.study.study_name
 
+    def _trial_id(self, number: int) -> int:
+        if number not in self._trial_ids:
+            study_id = self.storage.get_study_id_from_name(self.name)
+            self._trial_ids[number] = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        return self._trial_ids[number]
+
     def set_trial_attr(self, number: int, key: str, value: Any) -> None:
         """Set a user attribute on any trial by number (Optuna's Trial object is gone after a resume)."""
-        storage = self.storage
-        if number not in self._trial_ids:
-            study_id = storage.get_study_id_from_name(self.name)
-            self._trial_ids[number] = storage.get_trial_id_from_study_id_trial_number(study_id, number)
-        storage.set_trial_user_attr(self._trial_ids[number], key, value)
+        self.storage.set_trial_user_attr(self._trial_id(number), key, value)
+
+    def set_trial_intermediate(self, number: int, step: int, value: float) -> None:
+        """What `Trial.report` writes, for a trial known by number (for Optuna's pruners)."""
+        self.storage.set_trial_intermediate_value(self._trial_id(number), step, value)
 
     def heartbeat(self) -> None:
         self.set("heartbeat", time.time())

@@ -544,3 +544,19 @@ def test_a_broken_storage_does_not_hide_the_others(storage, tmp_path):
     assert r.status == 200 and 'data-study="toy-ps"' in r.text
     assert 'class="flash error">storage #1' in r.text
     assert call(app, "GET", "/evomerge/study", {"storage": 1, "name": STUDY}).status == 400
+
+
+def test_study_page_shows_docs_evaluated_and_the_saving(tmp_path, launcher):
+    url = f"sqlite:///{tmp_path / 'raced.db'}"
+    write_study(url, trials=0, extra={"fitness_docs": 200})
+    study = optuna.load_study(study_name=STUDY, storage=url)
+    dists = {"w": FloatDistribution(0.0, 2.0)}
+    for k, (state, docs) in enumerate([(TrialState.COMPLETE, 200), (TrialState.PRUNED, 50),
+                                       (TrialState.PRUNED, 100), (TrialState.COMPLETE, 200)]):
+        study.add_trial(create_trial(params={"w": 1.0}, distributions=dists, state=state,
+                                     value=0.5 if state == TrialState.COMPLETE else None,
+                                     user_attrs={"generation": 0, "index": k, "docs_evaluated": docs}))
+    app = DashboardApp(DashboardConfig(storages=[url], export_root=tmp_path / "x"), launcher=launcher)
+    page = call(app, "GET", "/evomerge/study", {"storage": 0, "name": STUDY}).text
+    # 4 candidates and the FAIL trial write_study adds (0 docs): 550 of 5 x 200
+    assert "<td class='docs'>550 of 1000 (45 % saved, 2 candidates raced out)" in page

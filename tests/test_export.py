@@ -340,7 +340,7 @@ def test_a_failed_merge_leaves_no_output_behind(study, tmp_path, monkeypatch):
 
 
 def test_rescore_can_be_skipped_and_its_failure_does_not_lose_the_export(study, tmp_path, monkeypatch):
-    from evomerge import export as export_mod
+    from evomerge import rescore as rescore_mod
 
     monkeypatch.setenv("EVOMERGE_CACHE_DIR", str(study.root / "cache"))
     res = evomerge.export("exp", study.storage, out=tmp_path / "skip", rescore=False, printer=lambda s: None)
@@ -350,7 +350,7 @@ def test_rescore_can_be_skipped_and_its_failure_does_not_lose_the_export(study, 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory (injected)")
 
-    monkeypatch.setattr(export_mod, "rescore_export", broken)
+    monkeypatch.setattr(rescore_mod, "rescore_export", broken)
     lines: list[str] = []
     res = evomerge.export("exp", study.storage, out=tmp_path / "failed", printer=lines.append)
     assert res.rescore == {"error": "RuntimeError: out of memory (injected)"}

@@ -50,14 +50,14 @@ def test_plain_resume_keeps_the_runs_budget_and_says_when_it_changes(tmp_path):
     assert "budget 6 trials" in again.stdout and "0 worker" not in again.stdout
     got = _trials(storage, "overrides")
     assert len(got) == 6 and all(t[2] == TrialState.COMPLETE for t in got)
-    stored = load("overrides", storage).get("settings")
-    assert stored["budget"] == 6 and stored["workers"] == 0
+    stored = load("overrides", storage).get("settings")["overrides"]
+    assert stored == {"budget": 6, "workers": 0}
 
     more = _evomerge(["resume", "overrides", "--storage", storage, "--budget", "8"])
     assert more.returncode == 0, more.stderr[-2000:]
     assert "budget changed from 6 to 8 (--budget)" in more.stdout
     assert len(_trials(storage, "overrides")) == 8
-    assert load("overrides", storage).get("settings")["budget"] == 8
+    assert load("overrides", storage).get("settings")["overrides"]["budget"] == 8
 
 
 def test_population_of_an_optuna_sampler_is_fixed_by_the_first_run():

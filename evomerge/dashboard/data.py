@@ -119,7 +119,7 @@ class Storages:
             study = optuna.load_study(study_name=ref.name, storage=self.storage(ref.index))
         except KeyError:
             raise NotFound(f"no study {ref.name!r} in storage #{ref.index} ({ref.storage})") from None
-        return StudyRecord(study, ref.storage)
+        return StudyRecord(study, ref.storage, self.storage(ref.index))
 
     def optuna_id(self, ref: StudyRef) -> int:
         try:

@@ -78,6 +78,15 @@ def _progress(row: StudyRow) -> str:
     return f"{s.trials_done}/{s.budget if s.budget else '∞'}{failed}"
 
 
+def _docs_row(docs: dict | None) -> str:
+    """Fitness docs scored against scoring every candidate on all of them (what racing saves)."""
+    if not docs:
+        return ""
+    raced = f", {docs['raced_out']} candidates raced out" if docs["raced_out"] else ""
+    return (f"<tr><th>docs evaluated</th><td class='docs'>{docs['evaluated']} of {docs['full']} "
+            f"({100 * docs['saving']:.0f} % saved{raced})</td></tr>")
+
+
 def list_page(rows: list[StudyRow], errors: list[StorageError], storages: list[str]) -> str:
     head = ("<tr><th>study</th><th>storage</th><th>state</th><th>trials</th><th>best fitness</th>"
             "<th>vs best source</th><th>vs default merge</th><th>started</th><th>last heartbeat</th>"
@@ -187,6 +196,7 @@ def study_html(page: StudyPage, token: str, exports: list[ExportDir], jobs: list
     facts = (f"<table><tr><th>state</th><td>{state_badge(s.state)} <small class='muted'>desired: "
              f"{e(page.desired_state or '-')}</small></td></tr>"
              f"<tr><th>trials</th><td class='trials'>{e(_progress(row))}</td></tr>"
+             f"{_docs_row(s.docs)}"
              f"<tr><th>best fitness</th><td>{num(s.best_fitness)}{f' (trial {s.best_trial})' if s.best_trial is not None else ''}</td></tr>"
              f"<tr><th>vs best source</th><td>{delta(row.vs_source)} {e(s.best_source or '')}</td></tr>"
              f"<tr><th>vs default merge</th><td>{delta(row.vs_default)}</td></tr>"

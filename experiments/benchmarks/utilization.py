@@ -95,8 +95,9 @@ def utilization(workers: int = 4, shards: int = 1, population: int = 10, generat
     cfg = config_from_dict(_config(workers, shards, population, generations))
     space = cfg.space(num_layers=4)
     sampler = make_sampler("cmaes", space, seed, population, workers)
-    study = optuna.create_study(direction="maximize", sampler=study_sampler(sampler))
-    rec = StudyRecord(study, "memory")
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(direction="maximize", sampler=study_sampler(sampler), storage=storage)
+    rec = StudyRecord(study, "memory", storage)
     pool = SimulatedPool(workers, seed)
     Controller(cfg, rec, space, sampler, pool, budget=population * generations, minutes=None,
                printer=lambda _: None).run()

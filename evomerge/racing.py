@@ -1,0 +1,216 @@
+"""Racing: score a generation on growing prefixes of the seeded fitness docs, stop the hopeless.
+
+Every candidate of a generation is scored on the same first round of docs (the first fraction of
+each task's seeded subset); after each round but the last, a candidate that cannot reach the
+generation's top mu stops. Each decision is a pure function of stored per-doc scores, taken only
+once every candidate still racing has finished the round, so a killed and resumed study decides
+exactly as an uninterrupted one.
+
+Two rules, chosen by the sampler:
+- CMA-ES (`PairedRace`): mu is CMA-ES's own (population // 2: the candidates that move its mean).
+  Candidate c is compared with the mu-th best by estimate, m, on the docs both have scored
+  (paired per doc): the weighted mean difference and its standard error, with the finite
+  population correction for docs not scored yet. c stops when even the upper confidence bound of
+  (c - m) is below zero. CMA-ES is told its estimate (the weighted mean on the docs scored).
+- TPE and random search (`OptunaPruner`): Optuna's own `WilcoxonPruner`, fed one intermediate
+  value per doc (`step` = the doc's position in the subset), so the pruner compares a candidate
+  doc by doc with the best complete trial.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from evomerge.evaluate import TaskSpec, resolve_metric
+
+Shard = dict[str, list[int]]
+Docs = dict[str, dict[str, dict[int, float]]]  # task -> "metric,filter" -> doc index -> value
+
+
+def round_increments(subset: Shard, fractions: Sequence[float]) -> list[Shard]:
+    """The docs each round adds: per task, the next slice of its seeded order (at least one doc)."""
+    out, done = [], {t: 0 for t in subset}
+    for f in fractions:
+        add: Shard = {}
+        for task, docs in subset.items():
+            cut = max(done[task], min(len(docs), math.ceil(f * len(docs))), 1 if docs else 0)
+            if cut > done[task]:
+                add[task] = list(docs[done[task]:cut])
+            done[task] = cut
+        out.append(add)
+    return out
+
+
+def deal(docs: Shard, n: int) -> list[Shard]:
+    """Split docs into at most n shards, round-robin over (task, doc), as Evaluator.shards does."""
+    pairs = [(task, i) for task, indices in docs.items() for i in indices]
+    shards: list[Shard] = [{} for _ in range(max(1, min(n, len(pairs))))]
+    for k, (task, i) in enumerate(pairs):
+        shards[k % len(shards)].setdefault(task, []).append(i)
+    return shards
+
+
+def normalized(docs: Mapping) -> Docs:
+    """Doc ids as ints again (a JSON round trip through the study turns them into strings)."""
+    return {t: {k: {int(d): float(v) for d, v in vals.items()} for k, vals in m.items()} for t, m in docs.items()}
+
+
+def merge_docs(a: Docs, b: Docs) -> Docs:
+    out: Docs = normalized(a)
+    for task, metrics in b.items():
+        for key, values in metrics.items():
+            out.setdefault(task, {}).setdefault(key, {}).update({int(d): float(x) for d, x in values.items()})
+    return out
+
+
+def docs_count(docs: Docs) -> int:
+    """Docs scored: per task, the docs of its first metric."""
+    return sum(len(next(iter(m.values()))) for m in docs.values() if m)
+
+
+def chosen_values(docs: Docs, tasks: Sequence[TaskSpec]) -> dict[str, dict[int, float]]:
+    """Per task, the chosen metric's value per doc."""
+    out = {}
+    for spec in tasks:
+        metrics = docs.get(spec.name) or {}
+        if metrics:
+            out[spec.name] = {int(d): float(v) for d, v in metrics[resolve_metric(spec.metric, list(metrics))].items()}
+    return out
+
+
+def estimate(docs: Docs, tasks: Sequence[TaskSpec]) -> float:
+    """The full-subset fitness estimated from the docs scored: weight x mean of each task's docs."""
+    values = chosen_values(docs, tasks)
+    return sum(spec.weight * statistics.fmean(values[spec.name].values()) for spec in tasks if values.get(spec.name))
+
+
+@dataclass(frozen=True)
+class PairedRace:
+    """Evomerge's rule for CMA-ES (see the module docstring)."""
+
+    tasks: tuple[TaskSpec, ...]
+    totals: Mapping[str, int]  # docs per task in the full subset
+    mu: int
+    confidence: float = 0.95
+
+    def eliminate(self, racing: Mapping[int, Docs]) -> set[int]:
+        if len(racing) <= self.mu:
+            return set()
+        values = {i: chosen_values(d, self.tasks) for i, d in racing.items()}
+        ranked = sorted(racing, key=lambda i: (-estimate(racing[i], self.tasks), i))
+        m = ranked[self.mu - 1]
+        z = statistics.NormalDist().inv_cdf(self.confidence)
+        out = set()
+        for c in ranked[self.mu:]:
+            mean, var = self._paired(values[c], values[m])
+            if mean + z * math.sqrt(var) < 0:
+                out.add(c)
+        return out
+
+    def _paired(self, a: dict[str, dict[int, float]], b: dict[str, dict[int, float]]) -> tuple[float, float]:
+        """Weighted mean difference a - b on shared docs and its variance (finite population)."""
+        mean = var = 0.0
+        for spec in self.tasks:
+            shared = sorted(set(a.get(spec.name, {})) & set(b.get(spec.name, {})))
+            if not shared:
+                continue
+            d = [a[spec.name][i] - b[spec.name][i] for i in shared]
+            n, total = len(d), max(self.totals.get(spec.name, len(d)), len(d))
+            s2 = statistics.variance(d) if n > 1 else 1.0
+            # At least the variance of one disagreement among n docs: identical answers on a few
+            # docs must not read as certainty.
+            s2 = max(s2, 1.0 / n)
+            mean += spec.weight * statistics.fmean(d)
+            var += spec.weight ** 2 * s2 / n * (1 - n / total)
+        return mean, var
+
+
+class OptunaPruner:
+    """Optuna's WilcoxonPruner for TPE and random search, fed one value per doc."""
+
+    def __init__(self, tasks: Sequence[TaskSpec], subset: Shard, p_threshold: float = 0.1) -> None:
+        import optuna
+
+        self.tasks = tuple(tasks)
+        self.pruner = optuna.pruners.WilcoxonPruner(p_threshold=p_threshold)
+        # A doc's step is its position in the seeded subset, tasks one after another.
+        self.steps: dict[tuple[str, int], int] = {}
+        for spec in self.tasks:
+            for doc in subset.get(spec.name, []):
+                self.steps[(spec.name, int(doc))] = len(self.steps)
+
+    def report(self, rec, number: int, docs: Docs) -> None:
+        """Intermediate values, one per doc: weight x the chosen metric."""
+        weights = {s.name: s.weight for s in self.tasks}
+        for task, values in chosen_values(docs, self.tasks).items():
+            for doc, value in values.items():
+                rec.set_trial_intermediate(number, self.steps[(task, doc)], weights[task] * value)
+
+    def eliminate(self, rec, numbers: Mapping[int, int]) -> set[int]:
+        """Indices whose trial Optuna's pruner would prune now (decided in index order)."""
+        trials = {t.number: t for t in rec.study.get_trials(deepcopy=False)}
+        return {i for i in sorted(numbers) if self.pruner.prune(rec.study, trials[numbers[i]])}
+
+
+def combine_parts(parts) -> Docs:
+    """The per-doc scores of a round's shard results, in one Docs."""
+    out: Docs = {}
+    for part in parts:
+        out = merge_docs(out, part.docs)
+    return out
+
+
+class Race:
+    """The rounds of a study and the rule that decides after each; one round and no rule when
+    racing is off."""
+
+    def __init__(self, tasks: Sequence[TaskSpec], increments: Sequence[Shard], rule=None) -> None:
+        self.tasks, self.increments, self.rule = tuple(tasks), list(increments), rule
+
+    def rounds_done(self, docs: Docs) -> int:
+        """How many leading rounds `docs` covers."""
+        have = {t: set(map(int, next(iter(m.values())))) if m else set() for t, m in docs.items()}
+        done = 0
+        for inc in self.increments:
+            if not all(set(map(int, idx)) <= have.get(t, set()) for t, idx in inc.items()):
+                break
+            done += 1
+        return done
+
+    def upto(self, docs: Docs, r: int) -> Docs:
+        """`docs` restricted to the docs of rounds 0..r."""
+        keep: dict[str, set[int]] = {}
+        for inc in self.increments[:r + 1]:
+            for t, idx in inc.items():
+                keep.setdefault(t, set()).update(map(int, idx))
+        return {t: {k: {int(d): v for d, v in vals.items() if int(d) in keep.get(t, ())} for k, vals in m.items()}
+                for t, m in docs.items()}
+
+    def eliminate(self, rec, r: int, generation_docs: Mapping[int, Docs], undecided: Mapping[int, int]) -> set[int]:
+        """Indices of `undecided` (index -> trial number) to stop after round r."""
+        if isinstance(self.rule, OptunaPruner):
+            return self.rule.eliminate(rec, undecided)
+        eligible = {i: self.upto(d, r) for i, d in generation_docs.items() if self.rounds_done(d) > r}
+        return self.rule.eliminate(eligible) & set(undecided)
+
+    def report(self, rec, number: int, docs: Docs) -> None:
+        if isinstance(self.rule, OptunaPruner):
+            self.rule.report(rec, number, docs)
+
+
+def make_race(cfg, sampler, subset: Shard, rounds: Sequence) -> Race:
+    """The study's rounds and, when racing, the rule for its sampler."""
+    tasks = cfg.task_specs("fitness")
+    racing = cfg.fitness.racing
+    if racing is None:
+        return Race(tasks, [subset])
+    increments = round_increments(subset, racing.rounds)
+    if sampler.name == "cmaes":
+        mu = sampler.population // 2 if racing.top is None else math.ceil(racing.top * sampler.population)
+        rule = PairedRace(tuple(tasks), {t: len(v) for t, v in subset.items()}, max(1, mu), racing.confidence)
+    else:
+        rule = OptunaPruner(tasks, subset, racing.p_threshold)
+    return Race(tasks, increments, rule)

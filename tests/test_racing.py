@@ -1,0 +1,120 @@
+"""Racing (issue #16): rounds over the seeded docs, the paired race rule, Optuna's pruner for TPE,
+and a racing study killed and resumed ending as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from evomerge.evaluate import TaskSpec
+from evomerge.racing import PairedRace, Race, deal, docs_count, estimate, round_increments
+from evomerge.study import load
+from tests.test_resume import _evomerge, _trials, _write_experiment
+
+TASKS = (TaskSpec("a", weight=0.5), TaskSpec("b", weight=0.5))
+
+
+def _docs(values_a, values_b):
+    return {"a": {"exact_match,none": dict(enumerate(values_a))},
+            "b": {"exact_match,none": dict(enumerate(values_b))}}
+
+
+def test_rounds_are_growing_prefixes_of_each_tasks_seeded_order():
+    subset = {"a": [7, 3, 9, 1, 4, 8, 2, 6], "b": [5, 0]}
+    inc = round_increments(subset, [0.25, 0.5, 1.0])
+    assert inc == [{"a": [7, 3], "b": [5]}, {"a": [9, 1]}, {"a": [4, 8, 2, 6], "b": [0]}]
+    assert sorted(i for r in inc for i in r.get("a", [])) == sorted(subset["a"])
+    assert deal({"a": [1, 2, 3], "b": [4]}, 2) == [{"a": [1, 3]}, {"a": [2], "b": [4]}]
+
+
+def test_race_counts_rounds_and_restricts_docs():
+    subset = {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3]}
+    race = Race(TASKS, round_increments(subset, [0.5, 1.0]))
+    half = _docs([1, 0], [1, 1])
+    full = _docs([1, 0, 1, 1], [1, 1, 0, 0])
+    assert race.rounds_done({}) == 0 and race.rounds_done(half) == 1 and race.rounds_done(full) == 2
+    assert race.upto(full, 0) == half and docs_count(full) == 8
+    assert estimate(half, TASKS) == pytest.approx(0.5 * 0.5 + 0.5 * 1.0)
+
+
+def test_paired_race_stops_only_the_clearly_beaten():
+    totals = {"a": 100, "b": 100}
+    rule = PairedRace(TASKS, totals, mu=2, confidence=0.95)
+    good = _docs([1] * 25, [1] * 25)
+    also_good = _docs([1] * 24 + [0], [1] * 25)
+    hopeless = _docs([0] * 25, [0] * 25)
+    close = _docs([1] * 23 + [0] * 2, [1] * 25)
+    out = rule.eliminate({0: good, 1: also_good, 2: hopeless, 3: close})
+    assert out == {2}
+    # never more than population - mu, and nothing with only mu candidates
+    assert rule.eliminate({0: good, 2: hopeless}) == set()
+    # with every doc scored there is no uncertainty left: the finite population correction
+    everything = PairedRace(TASKS, {"a": 25, "b": 25}, mu=1, confidence=0.95)
+    assert everything.eliminate({0: good, 3: close}) == {3}
+
+
+def _racing_experiment(tmp_path, name: str, sampler: str = "cmaes", budget: int = 12) -> str:
+    cfg = yaml.safe_load(open(_write_experiment(tmp_path, name)))
+    cfg["fitness"]["racing"] = {"rounds": [0.25, 0.5, 1.0], "confidence": 0.6, "top": 0.25}
+    cfg["optimizer"].update(sampler=sampler, budget={"trials": budget})
+    path = tmp_path / f"{name}_racing.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_race(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("race_clean")
+    storage = f"sqlite:///{tmp / 'clean.db'}"
+    res = _evomerge(["run", _racing_experiment(tmp, "racing"), "--storage", storage, "--workers", "0"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return storage, _trials(storage, "racing")
+
+
+def test_racing_study_records_docs_and_races_out_candidates(uninterrupted_race):
+    storage, trials = uninterrupted_race
+    states = [t[2] for t in trials]
+    assert TrialState.PRUNED in states and TrialState.COMPLETE in states
+    rec = load("racing", storage)
+    for t in rec.study.get_trials():
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs["docs_evaluated"] < 32 and "estimate" in t.user_attrs
+            assert t.user_attrs["raced_out"] in (0, 1)
+        elif t.state == TrialState.COMPLETE:
+            assert t.user_attrs["docs_evaluated"] == 32  # limit 16 docs x 2 tasks
+    status = _evomerge(["status", "racing", "--storage", storage])
+    assert "docs" in status.stdout and "raced out" in status.stdout
+    summary = json.loads((Path(storage.removeprefix("sqlite:///")).parent / "summary.json").read_text())
+    docs = summary["docs"]
+    assert docs["full"] == 12 * 32 and docs["evaluated"] == sum(
+        t.user_attrs["docs_evaluated"] for t in rec.study.get_trials())
+    assert docs["evaluated"] < docs["full"] and docs["raced_out"] == states.count(TrialState.PRUNED)
+
+
+@pytest.mark.parametrize("crash_points", [["round:3", "tell:5"], ["score:4", "update:1", "round:2"]])
+def test_kill_and_resume_with_racing_replays_the_uninterrupted_study(tmp_path, uninterrupted_race, crash_points):
+    exp = _racing_experiment(tmp_path, "racing")
+    storage = f"sqlite:///{tmp_path / 'killed.db'}"
+    first = _evomerge(["run", exp, "--storage", storage, "--workers", "0"], crash_at=crash_points[0])
+    assert first.returncode == -9, first.stderr[-2000:]
+    for point in crash_points[1:]:
+        again = _evomerge(["resume", "racing", "--storage", storage], crash_at=point)
+        assert again.returncode == -9, again.stderr[-2000:]
+    final = _evomerge(["resume", "racing", "--storage", storage])
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert _trials(storage, "racing") == uninterrupted_race[1]
+
+
+def test_tpe_races_through_optunas_wilcoxon_pruner(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'tpe.db'}"
+    res = _evomerge(["run", _racing_experiment(tmp_path, "tpe_race", "tpe", budget=16), "--storage", storage,
+                     "--workers", "0"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    trials = load("tpe_race", storage).study.get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(trials) == 16 and complete
+    assert all(len(t.intermediate_values) == 32 for t in complete)  # one value per doc, as WilcoxonPruner needs
