@@ -248,26 +248,14 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
     rec = create_or_load(name, storage, study_sampler(sampler))
     barrier("claim")
     epoch = claim(rec, opts.takeover)
-    if diff:
-        printer(f"continuing {name!r} with a changed experiment:\n{diff}")
-    if opts.hybrid is not None:
-        rec.set("hybrid", opts.hybrid)
-    record_source_fingerprints(rec, cfg, printer)
-    rec.set("config", cfg.snapshot())
-    rec.set("fingerprint", cfg.fingerprint())
-    rec.set("settings", settings.as_dict())
-    rec.set("budget", settings.budget)
-    rec.set("state", "running")
-    rec.set("desired_state", "running")
-    if rec.get("started") is None:
-        rec.set("started", time.time())
     resume_line = f"evomerge resume {name} --storage {storage}"
-    printer(f"study {name!r} in {storage}\n  {len(space.dims)} evolvable parameters, {cfg.optimizer.sampler} "
-            f"population {sampler.population}, budget {settings.budget} trials, {max(settings.workers, 1)} "
-            "worker(s)")
     heartbeat = Heartbeat(rec, epoch)
     try:
         with heartbeat:
+            _adopt(rec, cfg, opts, settings, diff, printer)
+            printer(f"study {name!r} in {storage}\n  {len(space.dims)} evolvable parameters, "
+                    f"{cfg.optimizer.sampler} population {sampler.population}, budget {settings.budget} trials, "
+                    f"{max(settings.workers, 1)} worker(s)")
             pool = make_pool(cfg, settings.workers, opts, printer)
             try:
                 controller = Controller(cfg, rec, space, sampler, pool, budget=settings.budget,
@@ -289,8 +277,8 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
     except BaseException as exc:
         if existing is None and not _has_data(rec):
             _discard(rec, epoch)
-        else:
-            _finish(rec, epoch, "stopped")
+            raise
+        _finish(rec, epoch, "stopped")
         if isinstance(exc, KeyboardInterrupt):
             raise KeyboardInterrupt(f"the study keeps every finished trial. Continue with `{resume_line}`") from None
         raise
@@ -300,6 +288,24 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
     path = write_summary(summary, run_dir_for(storage, name))
     printer("\n" + format_table(summary) + f"\n\nsummary: {path}")
     return summary
+
+
+def _adopt(rec: StudyRecord, cfg: ExperimentConfig, opts: RunOptions, settings: Settings, diff: str | None,
+           printer: Callable[[str], None]) -> None:
+    """The first writes, once this controller holds the study: experiment, settings, state."""
+    if diff:
+        printer(f"continuing {rec.name!r} with a changed experiment:\n{diff}")
+    if opts.hybrid is not None:
+        rec.set("hybrid", opts.hybrid)
+    record_source_fingerprints(rec, cfg, printer)
+    rec.set("config", cfg.snapshot())
+    rec.set("fingerprint", cfg.fingerprint())
+    rec.set("settings", settings.as_dict())
+    rec.set("budget", settings.budget)
+    rec.set("state", "running")
+    rec.set("desired_state", "running")
+    if rec.get("started") is None:
+        rec.set("started", time.time())
 
 
 def _finish(rec: StudyRecord, epoch: int, state: str) -> None:
