@@ -58,11 +58,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="Optuna storage URL: sqlite:///x.db, postgresql://..., mysql://..., "
                                      "or a journal file path ending in .log (default: sqlite under ./runs/NAME/)")
     p.add_argument("--budget", type=_int_at_least(1, "the total number of candidate trials, 1 or more"),
-                   help="total candidate trials (overrides optimizer.budget.trials)")
+                   help="total candidate trials (overrides optimizer.budget.trials; stored in the study, so "
+                        "later runs and `resume` keep it until a new --budget)")
     p.add_argument("--minutes", type=_positive_float("a wall-time budget in minutes above 0"),
-                   help="wall-time budget in minutes (overrides optimizer.budget.minutes)")
+                   help="wall-time budget in minutes (overrides optimizer.budget.minutes; stored like --budget)")
     p.add_argument("--workers", type=_int_at_least(0, "0 or more workers (0 runs candidates in this process)"),
-                   help="number of workers (overrides resources.workers); 0 runs "
+                   help="number of workers (overrides resources.workers; stored like --budget); 0 runs "
                         "candidates in this process without Ray")
     p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local instance)")
     p.add_argument("--compare", action="append", type=Path, default=[], metavar="SUMMARY_JSON",
@@ -342,11 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("resume", help="continue a study from the experiment stored in it (no YAML needed)")
+    p = sub.add_parser("resume", help="continue a study from the experiment and flags stored in it (no YAML needed)",
+                       description="Continue a study with the experiment and the --budget/--minutes/--workers "
+                                   "flags stored in it: finished trials are kept, trials left running are "
+                                   "scored again, and the study ends as an uninterrupted one would. A flag "
+                                   "given here replaces the stored one (and says so).")
     p.add_argument("study_name", metavar="STUDY")
     _add_run_options(p)
     p.add_argument("--takeover", action="store_true",
-                   help="run even though the study looks running, once its heartbeat is stale")
+                   help="take the study over from a controller on another host whose heartbeat is stale (a "
+                        "controller whose process is gone from this host is taken over without it)")
     p.set_defaults(func=cmd_resume, study=None)
 
     p = sub.add_parser("pause", help="ask a running study's controller to finish its work in flight and exit")

@@ -408,3 +408,25 @@ def test_a_half_written_stage_checkpoint_is_never_taken_as_complete(tmp_path, mo
     monkeypatch.undo()
     stages.save_best_checkpoint(cfg, recipe, out)
     assert (out / "config.json").exists() and any(out.glob("*.safetensors")) and any(out.glob("tokenizer*"))
+
+
+def test_a_failed_heartbeat_write_never_stops_a_live_controller(tmp_path, monkeypatch):
+    from evomerge.runner import Heartbeat, claim
+    from evomerge.status import effective_state
+    from evomerge.study import create_or_load
+
+    rec = create_or_load("hiccup", f"sqlite:///{tmp_path / 'h.db'}")
+    epoch = claim(rec, takeover=False)
+    rec.set("state", "running")
+    beat = Heartbeat(rec, epoch)
+    real = type(rec.lease).beat
+
+    def flaky(self, e):
+        raise OSError("database is locked")
+
+    monkeypatch.setattr(type(rec.lease), "beat", flaky)
+    beat.beat()  # swallowed, retried at the next tick
+    assert not beat.lost
+    monkeypatch.setattr(type(rec.lease), "beat", real)
+    beat.guard()  # the lease is still this controller's
+    assert effective_state(rec) == "running"

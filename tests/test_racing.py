@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from evomerge.evaluate import TaskSpec
 from evomerge.racing import PairedRace, Race, deal, docs_count, estimate, round_increments
 from evomerge.study import load
-from tests.test_resume import _evomerge, _trials, _write_experiment
+from tests.test_resume import _evomerge, _trials, _write_experiment, kill_and_resume
 
 TASKS = (TaskSpec("a", weight=0.5), TaskSpec("b", weight=0.5))
 
@@ -97,15 +97,8 @@ def test_racing_study_records_docs_and_races_out_candidates(uninterrupted_race):
 
 @pytest.mark.parametrize("crash_points", [["round:3", "tell:5"], ["score:4", "update:1", "round:2"]])
 def test_kill_and_resume_with_racing_replays_the_uninterrupted_study(tmp_path, uninterrupted_race, crash_points):
-    exp = _racing_experiment(tmp_path, "racing")
     storage = f"sqlite:///{tmp_path / 'killed.db'}"
-    first = _evomerge(["run", exp, "--storage", storage, "--workers", "0"], crash_at=crash_points[0])
-    assert first.returncode == -9, first.stderr[-2000:]
-    for point in crash_points[1:]:
-        again = _evomerge(["resume", "racing", "--storage", storage], crash_at=point)
-        assert again.returncode == -9, again.stderr[-2000:]
-    final = _evomerge(["resume", "racing", "--storage", storage])
-    assert final.returncode == 0, final.stderr[-2000:]
+    kill_and_resume(_racing_experiment(tmp_path, "racing"), "racing", storage, crash_points)
     assert _trials(storage, "racing") == uninterrupted_race[1]
 
 

@@ -46,6 +46,18 @@ def _trials(storage: str, name: str) -> list[tuple]:
     return sorted(out, key=lambda r: r[:2])
 
 
+def kill_and_resume(exp: str, study: str, storage: str, crash_points: list[str]) -> None:
+    """Run, SIGKILL at the first crash point, resume (killed at each further point), resume to the end."""
+    first = _evomerge(["run", exp, "--study", study, "--storage", storage, "--workers", "0"],
+                      crash_at=crash_points[0])
+    assert first.returncode == -9, first.stderr[-2000:]
+    for point in crash_points[1:]:
+        again = _evomerge(["resume", study, "--storage", storage], crash_at=point)
+        assert again.returncode == -9, again.stderr[-2000:]
+    final = _evomerge(["resume", study, "--storage", storage])
+    assert final.returncode == 0, final.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clean")
@@ -78,14 +90,7 @@ def test_kill_and_resume_replays_the_uninterrupted_study(tmp_path, uninterrupted
     exp = _write_experiment(tmp_path, "resumable")
     storage = _storage(kind, tmp_path)
     study = f"resumable_{uuid.uuid4().hex[:8]}"
-    first = _evomerge(["run", exp, "--study", study, "--storage", storage, "--workers", "0"],
-                      crash_at=crash_points[0])
-    assert first.returncode == -9, first.stderr[-2000:]
-    for point in crash_points[1:]:
-        again = _evomerge(["resume", study, "--storage", storage, "--workers", "0"], crash_at=point)
-        assert again.returncode == -9, again.stderr[-2000:]
-    final = _evomerge(["resume", study, "--storage", storage, "--workers", "0"])
-    assert final.returncode == 0, final.stderr[-2000:]
+    kill_and_resume(exp, study, storage, crash_points)
     got = _trials(storage, study)
     assert len(got) == BUDGET and all(t[2] == TrialState.COMPLETE for t in got)
     assert [t[:2] for t in got] == [t[:2] for t in uninterrupted]  # nothing lost, nothing duplicated
@@ -126,14 +131,7 @@ def test_kill_and_resume_replays_optuna_samplers(tmp_path, sampler, crash_points
     assert len(uninterrupted) == OPTUNA_BUDGET
 
     storage, study = f"sqlite:///{tmp_path / 'killed.db'}", "optuna_resumable"
-    first = _evomerge(["run", exp, "--study", study, "--storage", storage, "--workers", "0"],
-                      crash_at=crash_points[0])
-    assert first.returncode == -9, first.stderr[-2000:]
-    for point in crash_points[1:]:
-        again = _evomerge(["resume", study, "--storage", storage, "--workers", "0"], crash_at=point)
-        assert again.returncode == -9, again.stderr[-2000:]
-    final = _evomerge(["resume", study, "--storage", storage, "--workers", "0"])
-    assert final.returncode == 0, final.stderr[-2000:]
+    kill_and_resume(exp, study, storage, crash_points)
     got = _trials(storage, study)  # also: no trial outside the candidates (no orphans left by a crash)
     assert [t[:2] for t in got] == [t[:2] for t in uninterrupted]  # nothing lost, nothing duplicated
     assert got == uninterrupted  # same parameters and values, trial for trial

@@ -6,8 +6,8 @@ same run: the machine is shared and noisy) and writes the rows as a JSON list of
 NOT REACHED with the figure. See experiments/benchmarks/README.md for what each section measures,
 the latest table, and how long the full and --quick runs take.
 
-Sections: materialize, evaluation, utilization, dfs, search. `--smoke` runs every section on tiny
-settings (seconds; used by tests/test_benchmarks.py; its figures mean nothing).
+Sections: materialize, evaluation, utilization, dfs, search, racing. `--smoke` runs every section
+on tiny settings (seconds; used by tests/test_benchmarks.py; its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("materialize", "evaluation", "utilization", "dfs", "search")
+SECTIONS = ("materialize", "evaluation", "utilization", "dfs", "search", "racing")
 
 
 def _environment() -> None:
@@ -79,6 +79,15 @@ def run_section(name: str, quick: bool, smoke: bool, printer) -> list[dict]:
         if quick:
             return search_efficiency.main(quick=True, printer=printer)
         return search_efficiency.main(printer=printer)
+    if name == "racing":
+        from experiments.benchmarks import racing
+
+        if smoke:
+            return racing.main(seeds=(0,), budget=11, step=16, limit=8, test_limit=8, tiny=True, plot_path=None,
+                               printer=printer)
+        if quick:
+            return racing.main(seeds=(0,), printer=printer)
+        return racing.main(printer=printer)
     raise ValueError(f"unknown section {name!r}; sections: {', '.join(SECTIONS)}")
 
 
