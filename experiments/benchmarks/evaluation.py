@@ -262,3 +262,16 @@ if __name__ == "__main__":
 
     for r in main(quick="--quick" in sys.argv):
         print(r)
+
+
+def experiment_with_test_split(name: str, root: Path, limit: int | None, test_limit: int | None,
+                               tiny: bool) -> tuple[dict, str]:
+    """The toy demo's experiment (or, with `tiny`, the stand-in whose test split is its fitness
+    tasks), and what it is, for the search and racing sections."""
+    if not tiny:
+        return toy_experiment(name, limit, test_limit), "toy world"
+    cfg = tiny_experiment(root, limit)
+    for t in cfg["fitness"]["tasks"]:
+        t["test"] = t["task"]
+    cfg["fitness"]["test_limit"] = test_limit
+    return cfg, "tiny stand-in, not the toy world"

@@ -34,12 +34,7 @@ from pathlib import Path
 import yaml
 
 from experiments.benchmarks.common import row, spread
-from experiments.benchmarks.evaluation import (
-    REPO,
-    tiny_experiment,
-    toy_experiment,
-    toy_world_ready,
-)
+from experiments.benchmarks.evaluation import REPO, experiment_with_test_split, toy_world_ready
 
 EXPERIMENT = REPO / "experiments" / "toy_ps_racing.yaml"
 PLOT = Path(__file__).resolve().parent / "racing.png"
@@ -120,13 +115,7 @@ def main(seeds=SEEDS, budget: int = 200, racing: dict | None = None, step: int =
         tmp.cleanup()
         return [row(n, None, "", None, g, False, note="not run: no toy world (evomerge.toy.toy_world_path)")
                 for n, g in zip(names, goals)]
-    if not tiny:
-        base_cfg, world = toy_experiment("racing", limit, test_limit), "toy world"
-    else:
-        base_cfg, world = tiny_experiment(root, limit), "tiny stand-in, not the toy world"
-        for t in base_cfg["fitness"]["tasks"]:
-            t["test"] = t["task"]
-        base_cfg["fitness"]["test_limit"] = test_limit
+    base_cfg, world = experiment_with_test_split("racing", root, limit, test_limit, tiny)
     try:
         scorer = CandidateWorker(config_from_dict(base_cfg).snapshot(), "scorer")
         cache: dict[str, float] = {}

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from experiments.benchmarks.common import row, spread
-from experiments.benchmarks.evaluation import tiny_experiment, toy_experiment, toy_world_ready
+from experiments.benchmarks.evaluation import experiment_with_test_split, toy_world_ready
 
 CHECKPOINTS = (25, 50, 100, 200)
 SAMPLERS = ("cmaes", "tpe", "random")
@@ -62,13 +62,7 @@ def main(quick: bool = False, samplers=SAMPLERS, seeds=None, checkpoints=None, l
                     "value > best source (baseline)", False,
                     note="not run: no toy world (evomerge.toy.toy_world_path)")
                 for sampler in samplers for c in checkpoints]
-    if not tiny:
-        base_cfg, world = toy_experiment("search", limit, test_limit), "toy world"
-    else:
-        base_cfg, world = tiny_experiment(root, limit), "tiny stand-in, not the toy world"
-        for t in base_cfg["fitness"]["tasks"]:
-            t["test"] = t["task"]
-        base_cfg["fitness"]["test_limit"] = test_limit
+    base_cfg, world = experiment_with_test_split("search", root, limit, test_limit, tiny)
     rows: list[dict] = []
     try:
         scorer = CandidateWorker(config_from_dict(base_cfg).snapshot(), "scorer")
