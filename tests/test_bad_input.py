@@ -422,3 +422,38 @@ def test_merge_checks_the_recipe_before_hashing_loading_or_creating_out(existing
     assert_bad_input(res, "evomerge: error:", *needles)
     assert "hashing" not in res.stdout and "materializing" not in res.stdout
     assert _left_in(tmp_path) == ["recipe.yaml"]  # no --out, no staging directory
+
+
+# -- the lead's cases: preflight refusals through the CLI, against the existing study ------------
+
+def test_preflight_refusals_leave_the_existing_study_unchanged(existing_study, tmp_path):
+    """Unknown task, misspelled toy model, a changed population (the stored CMA-ES state no longer
+    fits): exit 2 naming the field or source and the fix; the study is exactly as it was."""
+    for name, mutate, needles in [
+        ("task", set_field("fitness.tasks[0].task", "toy_addd"), ["toy_addd", "fitness.include"]),
+        ("toy", set_field("sources[0].path", "toy:expert_addd"), ["unknown toy model 'toy:expert_addd'",
+                                                                  "expert_add, expert_cipher"]),
+        ("population", set_field("optimizer.population", 3), ["stored CMA-ES state has population 2",
+                                                              "--study NAME"]),
+    ]:
+        exp = write_experiment(tmp_path, "existing", mutate, file_name=f"{name}.yaml")
+        res = run_cli(["run", exp, "--storage", existing_study.storage, "--resume"], cwd=tmp_path)
+        assert_bad_input(res, *needles)
+    existing_study.assert_unchanged()
+
+
+def test_a_base_without_a_tokenizer_names_the_source(tmp_path):
+    import shutil
+
+    from evomerge.toy import toy_model_path
+
+    base = tmp_path / "bare_base"
+    shutil.copytree(toy_model_path("base"), base)
+    for f in base.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            f.unlink()
+    exp = write_experiment(tmp_path, "bare", set_field("base.path", str(base)))
+    storage = tmp_path / "bare.db"
+    res = run_cli(["run", exp, "--storage", f"sqlite:///{storage}", "--workers", "0"], cwd=tmp_path)
+    assert_bad_input(res, "source 'base'", "has no tokenizer files")
+    assert not storage.exists()
