@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from evomerge.groups import Granularity
+from evomerge.schema import ConfigError, FieldErrors, Strict, dotted
 
 # Only light modules are imported here, so a mistyped field is reported in well under a second:
 # evaluate (lm-eval), sources (torch), space and methods (torch) are imported where they are used.
@@ -22,49 +23,25 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ConfigError(ValueError):
-    """The experiment file is wrong; the message names the field and how to fix it."""
-
-
-class _FieldErrors(ValueError):
-    """Raised by a validator: (path below the validated model, message) pairs, reported one a line."""
-
-    def __init__(self, *errors: tuple[tuple[str | int, ...], str]) -> None:
-        self.errors = list(errors)
-        super().__init__("; ".join(f"{_dotted(p)}: {m}" for p, m in self.errors))
-
-
-def _dotted(loc) -> str:
-    """('fitness', 'tasks', 0, 'weight') -> 'fitness.tasks[0].weight' (the field as written in YAML)."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SourceConfig(_Strict):
+class SourceConfig(Strict):
     name: str
     path: str
     revision: str | None = None
 
 
-class RangeConfig(_Strict):
+class RangeConfig(Strict):
     low: float | None = None
     high: float | None = None
     init: float | None = None
 
 
-class GranularityConfig(_Strict):
+class GranularityConfig(Strict):
     kind: Literal["model", "layer", "groups"] = "model"
     num_groups: int | None = None
     split_kinds: bool = False
 
 
-class SpaceConfig(_Strict):
+class SpaceConfig(Strict):
     """A parameter-space search space (`search_spaces/*.yaml` or inline)."""
 
     kind: Literal["ps"] = "ps"
@@ -136,7 +113,7 @@ class SpaceConfig(_Strict):
         return errors
 
 
-class DFSSpaceConfig(_Strict):
+class DFSSpaceConfig(Strict):
     """A data-flow (layer stacking) search space: model A's and model B's layers, repeated."""
 
     kind: Literal["dfs"]
@@ -173,11 +150,11 @@ class DFSSpaceConfig(_Strict):
             errors.append((("indicator_bound",), f"{self.indicator_bound} must be above 1 (indicators "
                                                  "start at +1 and -1); the default is 1.5"))
         if errors:
-            raise _FieldErrors(*errors)
+            raise FieldErrors(*errors)
         return self
 
 
-class TaskConfig(_Strict):
+class TaskConfig(Strict):
     task: str
     test: str | None = None
     metric: str = "exact_match"
@@ -192,7 +169,7 @@ class TaskConfig(_Strict):
         return v
 
 
-class RacingConfig(_Strict):
+class RacingConfig(Strict):
     """Score a generation on growing prefixes of the fitness docs; stop candidates out of the running."""
 
     rounds: list[float] = [0.25, 0.5, 1.0]
@@ -225,7 +202,7 @@ class RacingConfig(_Strict):
         return v
 
 
-class FitnessConfig(_Strict):
+class FitnessConfig(Strict):
     tasks: list[TaskConfig]
     racing: RacingConfig | None = None
     include: list[str] = []
@@ -253,7 +230,7 @@ class FitnessConfig(_Strict):
         return v
 
 
-class BudgetConfig(_Strict):
+class BudgetConfig(Strict):
     trials: int | None = 200
     minutes: float | None = None
 
@@ -279,7 +256,7 @@ def _check_population(v: int | None) -> int | None:
     return v
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(Strict):
     sampler: Literal["cmaes", "tpe", "random"] = "cmaes"
     population: int | None = None
     seed: int = 0
@@ -290,7 +267,7 @@ class OptimizerConfig(_Strict):
     @model_validator(mode="after")
     def _cmaes_population(self) -> "OptimizerConfig":
         if self.sampler == "cmaes" and self.population is not None and self.population < 2:
-            raise _FieldErrors((("population",), _cmaes_population_message(self.population)))
+            raise FieldErrors((("population",), _cmaes_population_message(self.population)))
         return self
 
 
@@ -300,7 +277,7 @@ def _cmaes_population_message(v: int) -> str:
             "(or remove it for the default 4 + floor(3 ln n))")
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(Strict):
     workers: int = Field(1, ge=0, description="0 runs candidates in the controller's process, without Ray")
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
@@ -318,7 +295,7 @@ class ResourcesConfig(_Strict):
 BEST_OF = "best_of:"
 
 
-class StageConfig(_Strict):
+class StageConfig(Strict):
     """One stage of a hybrid experiment: its own search space, budget and study.
 
     A DFS stage may name `best_of:<earlier stage>` as model A (or B): the best recipe of that
@@ -334,7 +311,7 @@ class StageConfig(_Strict):
     check_population = field_validator("population")(_check_population)
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(Strict):
     name: str
     sources: list[SourceConfig]
     base: SourceConfig | None = None
@@ -372,7 +349,7 @@ class ExperimentConfig(_Strict):
             errors += [(("stages", i, "population"), _cmaes_population_message(st.population))
                        for i, st in enumerate(self.stages or []) if st.population is not None and st.population < 2]
         if errors:
-            raise _FieldErrors(*errors)
+            raise FieldErrors(*errors)
         return self
 
     def for_stage(self, index: int, best_paths: dict[str, str]) -> "ExperimentConfig":
@@ -476,7 +453,7 @@ def _format_validation(exc: ValidationError, where: str, files: dict[tuple, str]
         loc = _yaml_loc(tuple(err["loc"]))
         msg = err["msg"]
         cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, _FieldErrors):
+        if isinstance(cause, FieldErrors):
             pairs = [(loc + tuple(p), m) for p, m in cause.errors]
         else:
             if err["type"] == "extra_forbidden":
@@ -488,7 +465,7 @@ def _format_validation(exc: ValidationError, where: str, files: dict[tuple, str]
             pairs = [(loc, msg)]
         for full, m in pairs:
             source = next((f for prefix, f in (files or {}).items() if full[:len(prefix)] == prefix), None)
-            lines.append(f"  {_dotted(full) or '(top level)'}: {m}" + (f" (in {source})" if source else ""))
+            lines.append(f"  {dotted(full) or '(top level)'}: {m}" + (f" (in {source})" if source else ""))
     return "\n".join(lines)
 
 
@@ -508,12 +485,12 @@ def _load_space(value: Any, base_dir: Path, where: tuple = ("search_space",), fi
         return value
     path = Path(_resolve_path(value, base_dir))
     if not path.is_file():
-        raise ConfigError(f"{_dotted(where)}: no file {value!r}; give a path to a YAML in search_spaces/ "
+        raise ConfigError(f"{dotted(where)}: no file {value!r}; give a path to a YAML in search_spaces/ "
                           "or write the space inline")
     try:
         loaded = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{_dotted(where)}: cannot read {value!r} as YAML: {exc}") from None
+        raise ConfigError(f"{dotted(where)}: cannot read {value!r} as YAML: {exc}") from None
     if files is not None:
         files[where] = value
     return loaded

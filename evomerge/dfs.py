@@ -265,6 +265,14 @@ class DFSSpace(DimVector):
             raise SpaceError(f"parameter {key!r} is missing from the trial's parameters")
         return float(params[key])
 
+    def baseline_sources(self) -> list[str]:
+        """Models A and B (once when they are the same source), scored alone as baselines."""
+        return list(dict.fromkeys([self.model_a.name, self.model_b.name]))
+
+    def default_merge(self) -> None:
+        """None: DFS's start point is model A itself, already a source baseline."""
+        return None
+
     def default_recipe(self) -> DFSRecipe:
         """Model A itself (its own layers in order, every scale 1): the DFS start point and baseline."""
         return DFSRecipe(model_a=self.model_a, model_b=self.model_b,

@@ -153,6 +153,14 @@ class PSSpace(DimVector):
                         granularity=self.granularity, num_layers=self.num_layers, per_model=per_model,
                         global_params=glob, options=dict(self.options), seed=self.dare_seed, dtype=self.dtype)
 
+    def baseline_sources(self) -> list[str]:
+        """The sources a study scores alone, as baselines."""
+        return [s.name for s in self.sources]
+
+    def default_merge(self) -> PSRecipe:
+        """The baseline merge every PS study reports beside its sources."""
+        return self.default_recipe()
+
     def default_recipe(self) -> PSRecipe:
         """The method's defaults everywhere: the 'default merge' baseline every study reports."""
         return self.decode({d.key: self.method.param(d.param).default for d in self.dims})
