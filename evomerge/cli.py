@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from evomerge import __version__
+from evomerge.version import __version__
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_EXPERIMENT = REPO_ROOT / "experiments" / "toy_ps.yaml"
@@ -211,7 +211,7 @@ def cmd_toy_build(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from evomerge.export import export_study
+    from evomerge.exporter import export_study
 
     export_study(args.study_name, _storage_for(args.study_name, args.storage), args.trial, out=args.out,
                  max_shard_size=args.max_shard_size, device=args.device, force=args.force,
@@ -220,7 +220,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from evomerge.export import merge_recipe
+    from evomerge.exporter import merge_recipe
 
     merge_recipe(args.recipe, args.out, device=args.device, max_shard_size=args.max_shard_size,
                  verify=not args.no_verify, force=args.force)
@@ -228,7 +228,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_trials(args: argparse.Namespace) -> int:
-    from evomerge.trials import format_table, trials_table, write_table
+    from evomerge.trial_table import format_table, trials_table, write_table
 
     df = trials_table(args.study_name, _storage_for(args.study_name, args.storage))
     if args.out:
@@ -400,9 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
 # exception cannot be an instance of a class whose module was never imported.
 USER_ERRORS = (
     ("evomerge.config", "ConfigError"), ("evomerge.sources", "SourceError"), ("evomerge.study", "StudyError"),
-    ("evomerge.recipe", "RecipeError"), ("evomerge.export", "ExportError"), ("evomerge.methods", "MergeError"),
-    ("evomerge.trials", "TrialsError"), ("evomerge.toy", "ToyWorldError"), ("evomerge.space", "SpaceError"),
-    ("evomerge.dfs", "DFSRecipeError"), ("evomerge.stack", "StackError"), ("evomerge.evaluate", "EvaluatorError"),
+    ("evomerge.kinds.base", "RecipeError"), ("evomerge.exporter", "ExportError"), ("evomerge.methods", "MergeError"),
+    ("evomerge.trial_table", "TrialsError"), ("evomerge.toy", "ToyWorldError"), ("evomerge.dims", "SpaceError"),
+    ("evomerge.kinds.dfs.stack", "StackError"), ("evomerge.evaluate", "EvaluatorError"),
     ("evomerge.dashboard.security", "DashboardError"),
 )
 

@@ -11,147 +11,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from evomerge.groups import Granularity
+from evomerge.kinds import KINDS, Kind, SearchSpaceConfig, SpaceContext, kind_of
+from evomerge.refs import SourceRef
 from evomerge.schema import ConfigError, FieldErrors, Strict, dotted
 
 # Only light modules are imported here, so a mistyped field is reported in well under a second:
-# evaluate (lm-eval), sources (torch), space and methods (torch) are imported where they are used.
+# evaluate (lm-eval), sources (torch) and methods (torch) are imported where they are used.
 if TYPE_CHECKING:
+    from evomerge.dims import DimVector
     from evomerge.evaluate import TaskSpec
-    from evomerge.sources import SourceRef
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class SourceConfig(Strict):
-    name: str
-    path: str
-    revision: str | None = None
-
-
-class RangeConfig(Strict):
-    low: float | None = None
-    high: float | None = None
-    init: float | None = None
-
-
-class GranularityConfig(Strict):
-    kind: Literal["model", "layer", "groups"] = "model"
-    num_groups: int | None = None
-    split_kinds: bool = False
-
-
-class SpaceConfig(Strict):
-    """A parameter-space search space (`search_spaces/*.yaml` or inline)."""
-
-    kind: Literal["ps"] = "ps"
-    method: str
-    granularity: GranularityConfig = GranularityConfig()
-    parameters: dict[str, RangeConfig] | None = None
-    fixed: dict[str, float] = {}
-    options: dict[str, Any] = {}
-    sigma: float = 1 / 6
-    dare_seed: int = 0
-
-    @field_validator("sigma")
-    @classmethod
-    def _sigma(cls, v: float) -> float:
-        if not (math.isfinite(v) and 0 < v <= 1):
-            raise ValueError(f"{v} must be in (0, 1]: it is a fraction of each parameter's range (the paper: 1/6)")
-        return v
-
-    def method_errors(self, n_sources: int) -> list[tuple[tuple[str | int, ...], str]]:
-        """(field path below the space, message) for every range or name that the method does not allow.
-
-        Needs the method registry (torch), so ExperimentConfig calls it only once every field of the
-        file is well formed: a mistyped field is reported without importing torch.
-        """
-        from evomerge.methods import METHODS
-
-        method = METHODS.get(self.method)
-        if method is None:
-            return [(("method",), f"unknown merge method {self.method!r}; use one of {', '.join(METHODS)}")]
-        errors: list[tuple[tuple[str | int, ...], str]] = []
-        if n_sources < method.min_models or (method.max_models is not None and n_sources > method.max_models):
-            most = "" if method.max_models is None else f" and at most {method.max_models}"
-            errors.append((("method",), f"{self.method!r} merges at least {method.min_models}{most} models, but "
-                                        f"`sources` lists {n_sources}; change the method or the sources"))
-        specs = {p.name: p for p in method.params}
-        for kind, names in (("parameters", list(self.parameters or {})), ("fixed", list(self.fixed))):
-            errors += [((kind, n), f"method {self.method!r} has no parameter {n!r}; it has {sorted(specs)}")
-                       for n in names if n not in specs]
-        errors += [(("fixed", n), f"{n!r} is both evolved (in parameters) and fixed; list it in one place")
-                   for n in sorted(set(self.parameters or {}) & set(self.fixed) & set(specs))]
-        for name, r in (self.parameters or {}).items():
-            spec = specs.get(name)
-            if spec is None:
-                continue
-            allowed = f"[{spec.low}, {spec.high}]"
-            bad = [k for k in ("low", "high", "init")
-                   if getattr(r, k) is not None and not (math.isfinite(getattr(r, k)) and spec.low <= getattr(r, k) <= spec.high)]
-            errors += [(("parameters", name, k), f"{getattr(r, k)} is outside {allowed}, the range method "
-                        f"{self.method!r} allows for {name!r}; give a value in {allowed}") for k in bad]
-            if bad:
-                continue
-            low = spec.low if r.low is None else r.low
-            high = spec.high if r.high is None else r.high
-            init = spec.default if r.init is None else r.init
-            if not low < high:
-                errors.append((("parameters", name), f"low {low} is not below high {high}; give low < high, "
-                               f"both in {allowed} (the range method {self.method!r} allows for {name!r})"))
-            elif not low <= init <= high:
-                errors.append((("parameters", name, "init"), f"{init} is outside the search range [{low}, {high}]; "
-                               "give an init inside it (or widen the range)"))
-        for name, v in self.fixed.items():
-            spec = specs.get(name)
-            if spec is not None and not (math.isfinite(v) and spec.low <= v <= spec.high):
-                errors.append((("fixed", name), f"{v} is outside [{spec.low}, {spec.high}], the range method "
-                               f"{self.method!r} allows for {name!r}; give a value inside it"))
-        if self.parameters == {} or (self.parameters is None and set(specs) <= set(self.fixed)):
-            errors.append((("parameters",), f"nothing is left to evolve; list one of {sorted(specs)} here "
-                                            "(or fix fewer in `fixed`)"))
-        return errors
-
-
-class DFSSpaceConfig(Strict):
-    """A data-flow (layer stacking) search space: model A's and model B's layers, repeated."""
-
-    kind: Literal["dfs"]
-    model_a: str
-    model_b: str
-    repeats: int = Field(3, ge=1)
-    scale_mode: Literal["per_hop", "pairwise"] = "per_hop"
-    scale_low: float = Field(0.25, gt=0)
-    scale_high: float = Field(4.0, gt=0)
-    min_len: int = Field(1, ge=1)
-    max_len: int | None = None
-    sigma: float = 1 / 6
-    indicator_bound: float = Field(1.5, gt=0)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "DFSSpaceConfig":
-        """What can be checked before the models' depths are known (the rest: DFSSpace)."""
-        errors = []
-        if not (math.isfinite(self.scale_low) and self.scale_low <= 1.0):
-            errors.append((("scale_low",), f"{self.scale_low} must be in (0, 1]: the start point has every "
-                                           "scale 1, so the range must contain 1"))
-        if not (math.isfinite(self.scale_high) and self.scale_high >= 1.0):
-            errors.append((("scale_high",), f"{self.scale_high} must be 1 or more: the start point has every "
-                                            "scale 1, so the range must contain 1"))
-        if not errors and self.scale_low == self.scale_high:
-            errors.append((("scale_high",), "must be above scale_low (both are 1): give a range around 1"))
-        if self.max_len is not None and self.max_len < self.min_len:
-            errors.append((("max_len",), f"{self.max_len} is below min_len {self.min_len}; give "
-                                         "min_len <= max_len (or drop max_len)"))
-        if not (math.isfinite(self.sigma) and 0 < self.sigma <= 1):
-            errors.append((("sigma",), f"{self.sigma} must be in (0, 1]: it is a fraction of each "
-                                       "parameter's range"))
-        if not (math.isfinite(self.indicator_bound) and self.indicator_bound > 1.0):
-            errors.append((("indicator_bound",), f"{self.indicator_bound} must be above 1 (indicators "
-                                                 "start at +1 and -1); the default is 1.5"))
-        if errors:
-            raise FieldErrors(*errors)
-        return self
 
 
 class TaskConfig(Strict):
@@ -304,7 +174,7 @@ class StageConfig(Strict):
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
-    search_space: SpaceConfig | DFSSpaceConfig = Field(discriminator="kind")
+    search_space: SearchSpaceConfig
     budget: BudgetConfig = BudgetConfig()
     population: int | None = None
 
@@ -313,9 +183,9 @@ class StageConfig(Strict):
 
 class ExperimentConfig(Strict):
     name: str
-    sources: list[SourceConfig]
-    base: SourceConfig | None = None
-    search_space: SpaceConfig | DFSSpaceConfig | None = Field(None, discriminator="kind")
+    sources: list[SourceRef]
+    base: SourceRef | None = None
+    search_space: SearchSpaceConfig | None = None
     stages: list[StageConfig] | None = None
     fitness: FitnessConfig
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -339,12 +209,8 @@ class ExperimentConfig(Strict):
             raise ValueError("stage names must be unique")
         errors: list[tuple[tuple[str | int, ...], str]] = []
         for where, space, earlier in spaces:
-            if isinstance(space, DFSSpaceConfig):
-                errors += [(where, f"{role} {getattr(space, role)!r} is not a source; name one of "
-                                   f"{names + earlier}")
-                           for role in ("model_a", "model_b") if getattr(space, role) not in names + earlier]
-            else:
-                errors += [(where + path, msg) for path, msg in space.method_errors(len(self.sources))]
+            errors += [(where + path, msg)
+                       for path, msg in kind_of(space).config_errors(space, len(self.sources), names + earlier)]
         if self.optimizer.sampler == "cmaes":  # optimizer.population: OptimizerConfig checks it
             errors += [(("stages", i, "population"), _cmaes_population_message(st.population))
                        for i, st in enumerate(self.stages or []) if st.population is not None and st.population < 2]
@@ -357,15 +223,14 @@ class ExperimentConfig(Strict):
         stage = self.stages[index]
         space = stage.search_space.model_copy()
         sources = list(self.sources)
-        if isinstance(space, DFSSpaceConfig):
-            for role in ("model_a", "model_b"):
-                ref = getattr(space, role)
-                if ref.startswith(BEST_OF):
-                    earlier = ref.removeprefix(BEST_OF)
-                    name = f"best_of_{earlier}"
-                    if name not in [s.name for s in sources]:
-                        sources.append(SourceConfig(name=name, path=best_paths[earlier]))
-                    setattr(space, role, name)
+        for role in space.source_roles:
+            ref = getattr(space, role)
+            if ref.startswith(BEST_OF):
+                earlier = ref.removeprefix(BEST_OF)
+                name = f"best_of_{earlier}"
+                if name not in [s.name for s in sources]:
+                    sources.append(SourceRef(name=name, path=best_paths[earlier]))
+                setattr(space, role, name)
         optimizer = self.optimizer.model_copy(update={"budget": stage.budget,
                                                       "population": stage.population or self.optimizer.population})
         out = self.model_copy(update={"name": f"{self.name}.{stage.name}", "sources": sources,
@@ -374,16 +239,6 @@ class ExperimentConfig(Strict):
         return out
 
     # -- derived objects -------------------------------------------------------------------
-    def source_refs(self) -> list[SourceRef]:
-        from evomerge.sources import SourceRef
-
-        return [SourceRef(s.name, s.path, s.revision) for s in self.sources]
-
-    def base_ref(self) -> SourceRef | None:
-        from evomerge.sources import SourceRef
-
-        return SourceRef(self.base.name, self.base.path, self.base.revision) if self.base else None
-
     def task_specs(self, split: Literal["fitness", "test"] = "fitness") -> list[TaskSpec]:
         from evomerge.evaluate import TaskSpec
 
@@ -393,43 +248,30 @@ class ExperimentConfig(Strict):
         return [TaskSpec(t.test, t.metric, t.weight, f.test_limit, f.num_fewshot) for t in f.tasks if t.test]
 
     def ref(self, name: str) -> SourceRef:
-        return next(r for r in self.source_refs() + ([self.base_ref()] if self.base else []) if r.name == name)
+        return next(r for r in self.sources + ([self.base] if self.base else []) if r.name == name)
 
-    def is_dfs(self) -> bool:
-        return isinstance(self.search_space, DFSSpaceConfig)
+    @property
+    def kind(self) -> Kind:
+        """The search kind of this study's space (a one-study experiment, or one stage)."""
+        return kind_of(self.search_space)
 
-    def space(self, num_layers: int, layers_of: dict[str, int] | None = None):
-        """The search space; DFS needs each source's depth (`layers_of`), PS the shared one.
+    def space_context(self, layers_of: dict[str, int] | None = None) -> SpaceContext:
+        return SpaceContext(list(self.sources), self.base, self.resources.dtype, dict(layers_of or {}))
+
+    def space(self, layers_of: dict[str, int] | int) -> DimVector:
+        """The search space, given each source's decoder depth (an int: every source's).
 
         What only the models' depths can show (a DFS path longer than its slots) raises SpaceError,
         its message led by the field (`search_space` or `stages[i].search_space`).
         """
-        from evomerge.space import SpaceError
+        from evomerge.dims import SpaceError
 
         try:
-            return self._space(num_layers, layers_of)
+            if isinstance(layers_of, int):
+                layers_of = {r.name: layers_of for r in self.sources + ([self.base] if self.base else [])}
+            return self.kind.build_space(self.search_space, self.space_context(layers_of))
         except SpaceError as exc:
             raise SpaceError(f"{self._space_field}: {exc}") from None
-
-    def _space(self, num_layers: int, layers_of: dict[str, int] | None):
-        s = self.search_space
-        if isinstance(s, DFSSpaceConfig):
-            from evomerge.dfs import DFSSpace, DFSSpaceSpec
-
-            layers_of = layers_of or {}
-            spec = DFSSpaceSpec(repeats=s.repeats, scale_mode=s.scale_mode, scale_low=s.scale_low,
-                                scale_high=s.scale_high, min_len=s.min_len, max_len=s.max_len, sigma=s.sigma,
-                                indicator_bound=s.indicator_bound)
-            return DFSSpace(self.ref(s.model_a), self.ref(s.model_b), layers_of.get(s.model_a, num_layers),
-                            layers_of.get(s.model_b, num_layers), spec, dtype=self.resources.dtype)
-        from evomerge.space import ParamRange, PSSpace
-
-        params = None if s.parameters is None else {
-            k: ParamRange(v.low, v.high, v.init) for k, v in s.parameters.items()}
-        return PSSpace(method=s.method, sources=self.source_refs(), base=self.base_ref(), num_layers=num_layers,
-                       granularity=Granularity(**s.granularity.model_dump()), parameters=params,
-                       fixed=s.fixed, options=s.options, sigma=s.sigma, dare_seed=s.dare_seed,
-                       dtype=self.resources.dtype)
 
     def snapshot(self) -> dict:
         return self.model_dump(mode="json")
@@ -440,7 +282,7 @@ class ExperimentConfig(Strict):
 
 def _yaml_loc(loc: tuple) -> tuple:
     """Drop the discriminator tag pydantic adds after a search space ('search_space.ps.method')."""
-    return tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "search_space" and p in ("ps", "dfs")))
+    return tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "search_space" and p in KINDS))
 
 
 def _format_validation(exc: ValidationError, where: str, files: dict[tuple, str] | None = None) -> str:

@@ -37,14 +37,16 @@ So `post_attention_layernorm` is a post-norm (attn) exactly when its layer also 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Collection, Iterable, Literal
+
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 KINDS = ("attn", "mlp", "other")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class Granularity:
     """How finely parameters vary across the network.
 
@@ -59,8 +61,6 @@ class Granularity:
     split_kinds: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in ("model", "layer", "groups"):
-            raise ValueError(f"granularity kind {self.kind!r} is unknown; use model, layer or groups")
         if self.kind == "groups" and (self.num_groups is None or self.num_groups < 1):
             raise ValueError("granularity kind 'groups' needs num_groups >= 1")
 

@@ -183,13 +183,6 @@ class FileLease:
         self._update(epoch, released=True)
 
 
-def lease_for(storage_url: str, study: str) -> Lease:
-    from evomerge.study import journal_path
-
-    journal = journal_path(storage_url)
-    return FileLease(journal, study) if journal else SqlLease(storage_url, study)
-
-
 def retry(fn, attempts: int = 3, pause: float = 0.5):
     """A storage hiccup (a locked SQLite file, a dropped connection) is retried, not fatal."""
     for i in range(attempts):

@@ -2,7 +2,7 @@
 
 Everything here is read from what the study already holds (trials, baselines, cached test
 scores; `report.build_summary` with no pool), so writing a card never evaluates a model; the one
-new number, the written checkpoint's own re-scored fitness, is computed by `evomerge.export`
+new number, the written checkpoint's own re-scored fitness, is computed by `evomerge.exporter`
 and handed in (`rescore`).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from evomerge.trials import candidates, trials_frame
+from evomerge.trial_table import candidates, trials_frame
 
 PLOT_FILE = "fitness.png"
 
@@ -62,7 +62,7 @@ class CardData:
     tasks: list[TaskColumn] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
     plot: str | None = None
-    rescore: dict | None = None  # evomerge.export.rescore_export's result; None when not re-scored
+    rescore: dict | None = None  # evomerge.rescore.rescore_export's result; None when not re-scored
 
 
 def search_info(rec, cfg, table: pd.DataFrame) -> SearchInfo:
@@ -237,14 +237,10 @@ def _rescore_lines(r: dict) -> list[str]:
 
 
 def card_view(recipe: dict) -> dict:
-    """A DFS recipe seen with the PS fields the card shows: its two sources and a method name."""
-    if recipe.get("kind") != "dfs":
-        return recipe
-    hops = recipe.get("hops", [])
-    path = " -> ".join(f"{h['model']}[{h['layer']}]x{h['scale']:.3g}" for h in hops)
-    return {**recipe, "method": "dfs (layer stacking)", "sources": [recipe["model_a"], recipe["model_b"]],
-            "groups": [f"{len(hops)} hops: {path}"], "granularity": {"kind": "layer path"},
-            "dare_seed": None, "options": {"input scales": "folded into o_proj/down_proj"}}
+    """The recipe seen with the fields the card shows (method, sources, groups), as its kind sees it."""
+    from evomerge.kinds import kind_of_recipe
+
+    return kind_of_recipe(recipe).card_view(recipe)
 
 
 def render_card(data: CardData) -> str:
@@ -299,7 +295,7 @@ def summary_dict(data: CardData, study_storage: str | None, files: list[Path]) -
 def write_study_card(rec, cfg, trial, out: Path, *, recipe: dict, fingerprints: dict,
                      mergekit_notes: list[str], files: list[Path], rescore: dict | None = None) -> list[Path]:
     """fitness.png, README.md and summary.json of one exported trial of a study; `rescore`: the
-    written checkpoint's own fitness (evomerge.export.rescore_export), shown beside the study's."""
+    written checkpoint's own fitness (evomerge.rescore.rescore_export), shown beside the study's."""
     table = trials_frame(rec.study)
     baselines = {n: b["fitness"] for n, b in rec.baselines().items() if b.get("fitness") is not None}
     plot = plot_fitness(table, baselines, out / PLOT_FILE, highlight=trial.number)

@@ -17,8 +17,6 @@ from evomerge.config import ExperimentConfig
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
 # Methods that keep a sorted copy of each task vector (magnitude trimming by threshold look-up).
-SORTED_CACHE = {"ties", "breadcrumbs", "breadcrumbs_ties"}
-RANK_CACHE = {"della", "della_linear"}
 DEFAULT_EVAL_TOKENS = 1024
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "model_configs"
 
@@ -109,32 +107,12 @@ def _hub_config(ref) -> dict:
 
 
 def memory_breakdown(cfg: ExperimentConfig, shapes: dict[str, ModelShape], space, eval_tokens: int) -> dict[str, int]:
-    """Bytes one worker holds: resident sources, the output model, caches, and eval activations."""
-    b = BYTES[cfg.resources.dtype]
-    if cfg.is_dfs():
-        s = cfg.search_space
-        a, bb = shapes[s.model_a], shapes[s.model_b]
-        path = space.spec.max_len or len(space.slots)  # the longest path the space allows
-        return {"sources resident (models A and B)": (a.params + bb.params) * b,
-                "eval activations and KV cache": _activations(a, path, cfg, eval_tokens)}
-    head = shapes[cfg.base.name] if cfg.base else shapes[cfg.sources[0].name]
-    from evomerge.sources import keeps_whole_sources
+    """Bytes one worker holds, as the study's kind counts them (resident sources, output, caches, activations)."""
+    from evomerge.kinds import MemoryInputs
 
-    n = len(cfg.sources)
-    method = cfg.search_space.method
-    if keeps_whole_sources([method], cfg.base is not None):
-        out = {f"source weights ({n})": n * head.params * b, "output model": head.params * b}
-    else:
-        out = {"base weights": head.params * b, f"task vectors ({n})": n * head.params * b,
-               "output model": head.params * b}
-    if method in SORTED_CACHE:
-        out["sorted magnitudes (trimming cache)"] = n * head.params * b
-    if method in RANK_CACHE:
-        out["magnitude ranks (DELLA cache)"] = n * head.params * 4
-    if method in ("linear", "slerp") or b != 4:
-        out["float32 merge scratch (largest tensor)"] = 2 * _largest_tensor(head) * 4
-    out["eval activations and KV cache"] = _activations(head, head.layers, cfg, eval_tokens)
-    return out
+    inputs = MemoryInputs(shapes, BYTES[cfg.resources.dtype], lambda m, layers: _activations(m, layers, cfg, eval_tokens),
+                          _largest_tensor)
+    return cfg.kind.memory(cfg.search_space, space, cfg.space_context({n: s.layers for n, s in shapes.items()}), inputs)
 
 
 def _largest_tensor(m: ModelShape) -> int:
@@ -184,7 +162,7 @@ def make_plans(cfg: ExperimentConfig, **kw) -> list[Plan]:
 def make_plan(cfg: ExperimentConfig, *, config_dir: Path | None = None, eval_tokens: int = DEFAULT_EVAL_TOKENS,
               measured_seconds: float | None = None, workers: int | None = None,
               known_shapes: dict[str, ModelShape] | None = None) -> Plan:
-    refs = cfg.source_refs() + ([cfg.base_ref()] if cfg.base else [])
+    refs = cfg.sources + ([cfg.base] if cfg.base else [])
     shapes = dict(known_shapes or {})
     for r in refs:
         if r.name not in shapes:
@@ -193,7 +171,7 @@ def make_plan(cfg: ExperimentConfig, *, config_dir: Path | None = None, eval_tok
                               shape_of(r, cfg.allow_pickle, config_dir))
     if known_shapes is not None:
         known_shapes.update(shapes)
-    space = cfg.space(next(iter(shapes.values())).layers, {n: s.layers for n, s in shapes.items()})
+    space = cfg.space({n: s.layers for n, s in shapes.items()})
     from evomerge.sampler import default_population  # optuna and cmaes: only once the space is built
 
     population = cfg.optimizer.population or default_population(len(space.dims))
@@ -210,7 +188,7 @@ def make_plan(cfg: ExperimentConfig, *, config_dir: Path | None = None, eval_tok
     hours = None
     if measured_seconds and budget:
         hours = measured_seconds * budget / max(1, min(requested, fit or requested)) / 3600
-    return Plan(cfg.name, space.kind, len(space.dims), population, budget,
+    return Plan(cfg.name, cfg.kind.name, len(space.dims), population, budget,
                 math.ceil(budget / population) if budget else None, cfg.resources.dtype, per_worker,
                 breakdown, requested, fit, note, measured_seconds, hours, problems)
 

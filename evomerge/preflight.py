@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from evomerge.config import ConfigError, ExperimentConfig
-from evomerge.sources import check_compatible, check_tokenizer, inspect
+from evomerge.sources import check_tokenizer, inspect
 from evomerge.study import check_writable, is_in_memory
 
 
@@ -27,20 +27,15 @@ def preflight(cfg: ExperimentConfig, storage: str, printer: Callable[[str], None
 
 def build_space(cfg: ExperimentConfig):
     """The search space, from config files and safetensors headers only (no weights loaded)."""
-    refs = cfg.source_refs() + ([cfg.base_ref()] if cfg.base else [])
+    refs = cfg.sources + ([cfg.base] if cfg.base else [])
     infos = {r.name: inspect(r, allow_pickle=cfg.allow_pickle) for r in refs}
-    if not cfg.is_dfs():
-        check_compatible({n: i.config for n, i in infos.items()}, {n: i.shapes for n, i in infos.items()})
-    layers = {n: int(i.config["num_hidden_layers"]) for n, i in infos.items()}
-    head = cfg.base.name if cfg.base else cfg.sources[0].name
-    return cfg.space(layers[head], layers)
+    cfg.kind.check_sources(cfg.search_space, infos)
+    return cfg.space({n: int(i.config["num_hidden_layers"]) for n, i in infos.items()})
 
 
 def _tokenizer_ref(cfg: ExperimentConfig):
-    """The model whose tokenizer the workers load: the base (PS) or model A (DFS)."""
-    if cfg.is_dfs():
-        return cfg.ref(cfg.search_space.model_a)
-    return cfg.base_ref() or cfg.source_refs()[0]
+    """The model whose tokenizer the workers load (the base or first source for PS, model A for DFS)."""
+    return cfg.kind.tokenizer_source(cfg.search_space, cfg.space_context())
 
 
 def _check_tasks(cfg: ExperimentConfig) -> None:

@@ -15,7 +15,8 @@ from evomerge.config import ExperimentConfig
 from evomerge.report import build_summary, format_table, reference_rows, write_summary
 from evomerge.sampler import make_sampler, study_sampler
 from evomerge.search import Controller
-from evomerge.export import record_source_fingerprints
+from evomerge.stages import run_stages
+from evomerge.exporter import record_source_fingerprints
 from evomerge.faults import barrier
 from evomerge.lease import LeaseLost
 from evomerge.preflight import preflight
@@ -193,10 +194,10 @@ def resume_study(name: str, storage: str, opts: RunOptions = RunOptions(),
         rec = _first_stage_of(name, storage)
     hybrid = rec.get("hybrid")
     if hybrid is not None:
-        from evomerge.stages import run_stages
 
         opts.study, opts.storage, opts.resume = hybrid["study"], storage, True
-        return run_stages(config_from_dict(hybrid["config"], where=f"snapshot of {hybrid['study']!r}"), opts, printer)
+        return run_stages(config_from_dict(hybrid["config"], where=f"snapshot of {hybrid['study']!r}"), opts,
+                          run_experiment, printer)
     snapshot = rec.get("config")
     if snapshot is None:
         raise StudyError(f"study {name!r} in {storage} was not made by evomerge (no experiment snapshot)")
@@ -221,9 +222,8 @@ def _first_stage_of(name: str, storage: str) -> StudyRecord:
 def run_any(cfg: ExperimentConfig, opts: RunOptions = RunOptions(), printer: Callable[[str], None] = print) -> dict:
     """One study, or a hybrid run's stages in order."""
     if cfg.stages:
-        from evomerge.stages import run_stages
 
-        return run_stages(cfg, opts, printer)
+        return run_stages(cfg, opts, run_experiment, printer)
     return run_experiment(cfg, opts, printer)
 
 

@@ -34,7 +34,7 @@ import optuna
 from cmaes import CMA
 from optuna.trial import TrialState
 
-from evomerge.space import PSSpace
+from evomerge.dims import DimVector
 
 
 def derived_seed(*parts: object) -> int:
@@ -76,7 +76,7 @@ class CmaSampler:
 
     name = "cmaes"
 
-    def __init__(self, space: PSSpace, seed: int, population: int | None = None) -> None:
+    def __init__(self, space: DimVector, seed: int, population: int | None = None) -> None:
         self.space, self.seed = space, seed
         self.population = population or default_population(len(space.dims))
 
@@ -135,7 +135,7 @@ class OptunaSampler:
     so they come out the same after a resume; the controller creates their trials pre-filled.
     """
 
-    def __init__(self, kind: str, space: PSSpace, seed: int, population: int) -> None:
+    def __init__(self, kind: str, space: DimVector, seed: int, population: int) -> None:
         if kind not in ("tpe", "random"):
             raise ValueError(f"unknown Optuna sampler {kind!r}; evomerge offers tpe and random")
         self.name, self.space, self.seed, self.population = kind, space, seed, population
@@ -182,7 +182,7 @@ class OptunaSampler:
         return None
 
 
-def make_sampler(kind: str, space: PSSpace, seed: int, population: int | None, workers: int) -> GenerationSampler:
+def make_sampler(kind: str, space: DimVector, seed: int, population: int | None, workers: int) -> GenerationSampler:
     if kind == "cmaes":
         return CmaSampler(space, seed, population)
     return OptunaSampler(kind, space, seed, population or max(workers, 1))

@@ -23,7 +23,7 @@ from evomerge.progress import Progress
 from evomerge.racing import (combine_parts, deal, docs_count, estimate, make_race, merge_docs, normalized,
                               round_increments)
 from evomerge.sampler import GenerationSampler, Proposal
-from evomerge.space import PSSpace
+from evomerge.dims import DimVector
 from evomerge.study import StudyRecord
 from evomerge.workers import Job, JobResult, candidate_seed
 
@@ -60,7 +60,7 @@ def shards_per_candidate(cfg: ExperimentConfig, workers: int) -> int:
 class Controller:
     """Runs the candidate search of one study against a worker pool."""
 
-    def __init__(self, cfg: ExperimentConfig, record: StudyRecord, space: PSSpace, sampler: GenerationSampler,
+    def __init__(self, cfg: ExperimentConfig, record: StudyRecord, space: DimVector, sampler: GenerationSampler,
                  pool, *, budget: int | None, minutes: float | None, printer: Callable[[str], None] = print,
                  guard: Callable[[], None] = lambda: None) -> None:
         self.cfg, self.rec, self.space, self.sampler, self.pool = cfg, record, space, sampler, pool
@@ -103,8 +103,9 @@ class Controller:
         have = self.rec.baselines()
         jobs = [Job(f"source:{n}", source=n, meta={"kind": "source"}) for n in self._source_names()
                 if n not in have]
-        if "default merge" not in have and self.space.kind == "ps":
-            jobs.append(Job("default merge", recipe=self.space.default_recipe().to_dict(), meta={"kind": "baseline"}))
+        default = self.space.default_merge()
+        if "default merge" not in have and default is not None:
+            jobs.append(Job("default merge", recipe=default.to_dict(), meta={"kind": "baseline"}))
         for job in jobs:
             self.pool.submit(job)
         for _ in jobs:
@@ -118,9 +119,7 @@ class Controller:
             self.printer(f"baseline {name:>24s}: fitness {res.fitness:.4f}")
 
     def _source_names(self) -> list[str]:
-        if self.space.kind == "dfs":
-            return list(dict.fromkeys([self.space.model_a.name, self.space.model_b.name]))
-        return [s.name for s in self.space.sources]
+        return self.space.baseline_sources()
 
     # -- the search -----------------------------------------------------------------------
     def run(self) -> str:

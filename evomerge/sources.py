@@ -23,6 +23,8 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 
+from evomerge.refs import SourceRef
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Config fields that change what the tensors mean; a mismatch makes a merge meaningless.
@@ -33,27 +35,6 @@ _STRUCTURAL_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "interme
 
 class SourceError(ValueError):
     """A source cannot be found, read or merged; the message says which and how to fix it."""
-
-
-@dataclass(frozen=True)
-class SourceRef:
-    """Where a model comes from: a local directory or a hub id (optionally at a revision)."""
-
-    name: str
-    path: str
-    revision: str | None = None
-
-    def to_dict(self) -> dict:
-        out = {"name": self.name, "path": self.path}
-        if self.revision:
-            out["revision"] = self.revision
-        return out
-
-    @classmethod
-    def from_dict(cls, d: object, where: str, error: type[Exception] = ValueError) -> "SourceRef":
-        if not isinstance(d, dict) or "name" not in d or "path" not in d:
-            raise error(f"{where} must be a mapping with 'name' and 'path', got {d!r}")
-        return cls(str(d["name"]), str(d["path"]), d.get("revision"))
 
 
 def resolve_path(ref: SourceRef, *, allow_pickle: bool = False) -> Path:

@@ -27,24 +27,20 @@ def save_best_checkpoint(stage_cfg: ExperimentConfig, recipe_dict: dict, out: Pa
 
     from transformers import AutoTokenizer
 
-    from evomerge.recipe import recipe_from_dict
-    from evomerge.workers import make_materializer
+    from evomerge.kinds import BuildOptions, kind_of, recipe_from_dict
+    from evomerge.workers import resolve_device
 
     if out.is_dir():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        materializer, tokenizer_path = make_materializer(stage_cfg)
         recipe = recipe_from_dict(recipe_dict)
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
-        if recipe.kind == "dfs":
-            from evomerge.stack_export import save_standard_checkpoint
-
-            save_standard_checkpoint(materializer.models, recipe, tokenizer, tmp)
-        else:
-            materializer.apply(recipe).save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        opts = BuildOptions(device=resolve_device(stage_cfg.resources.device), allow_pickle=stage_cfg.allow_pickle,
+                            trust_remote_code=stage_cfg.trust_remote_code)
+        built = kind_of(recipe).build(recipe, opts)
+        built.model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(built.config_dir)).save_pretrained(tmp)
         tmp.rename(out)
     finally:
         if tmp.exists():
@@ -58,10 +54,9 @@ def _needed_later(cfg: ExperimentConfig, index: int) -> bool:
                for st in cfg.stages[index + 1:] for role in ("model_a", "model_b"))
 
 
-def run_stages(cfg: ExperimentConfig, opts, printer: Callable[[str], None] = print) -> dict:
-    """Run every stage in order; returns a summary with each stage's evolved row added."""
-    from evomerge.runner import run_experiment
-
+def run_stages(cfg: ExperimentConfig, opts, run_one: Callable[..., dict], printer: Callable[[str], None] = print) -> dict:
+    """Run every stage in order with `run_one(stage_cfg, opts, printer)` (the runner's one-study run);
+    returns a summary with each stage's evolved row added."""
     study = opts.study or cfg.name
     storage = opts.storage or cfg.storage or default_storage(study, opts.runs_dir, create=False)
     best_paths: dict[str, str] = {}
@@ -71,8 +66,7 @@ def run_stages(cfg: ExperimentConfig, opts, printer: Callable[[str], None] = pri
         name = f"{study}.{stage.name}"
         hybrid = {"config": cfg.snapshot(), "study": study, "stage": stage.name}
         printer(f"\n== stage {i + 1}/{len(cfg.stages)}: {stage.name} ({stage_cfg.search_space.kind}) ==")
-        summary = run_experiment(stage_cfg, replace(opts, study=name, storage=storage, budget=None, hybrid=hybrid),
-                                 printer)
+        summary = run_one(stage_cfg, replace(opts, study=name, storage=storage, budget=None, hybrid=hybrid), printer)
         if summary.get("state") != "finished":
             return summary
         combined = _combine(combined, summary, stage.name)

@@ -161,10 +161,12 @@ class StudyRecord:
 
     @property
     def lease(self):
-        from evomerge.lease import lease_for
+        """A journal's lease is a lock file beside it; a database's, a row in its own table."""
+        from evomerge.lease import FileLease, SqlLease
 
         if self._lease is None:
-            self._lease = lease_for(self.storage_url, self.name)
+            journal = journal_path(self.storage_url)
+            self._lease = FileLease(journal, self.name) if journal else SqlLease(self.storage_url, self.name)
         return self._lease
 
     def baselines(self) -> dict[str, dict]:

@@ -81,7 +81,7 @@ class CandidateWorker:
     def load(self, job: Job):
         """Materialize the job's model, skipping the work when it is the one already loaded
         (consecutive shards of one candidate)."""
-        from evomerge.recipe import recipe_from_dict
+        from evomerge.kinds import recipe_from_dict
 
         key = (job.source, json.dumps(job.recipe, sort_keys=True) if job.recipe is not None else None)
         if key == self._loaded:
@@ -127,20 +127,13 @@ def candidate_seed(cfg, generation: int, index: int) -> int:
 
 
 def make_materializer(cfg):
-    """PS: base + task vectors resident, one output model. DFS: models A and B resident."""
-    from evomerge.materialize import Materializer, StackMaterializer
-    from evomerge.sources import open_sources
+    """The study's kind keeps its sources resident (PS: base + task vectors; DFS: models A and B)."""
+    from evomerge.kinds import WorkerContext
 
     r = cfg.resources
-    device = resolve_device(r.device)
-    if cfg.is_dfs():
-        s = cfg.search_space
-        mat = StackMaterializer([cfg.ref(s.model_a), cfg.ref(s.model_b)], s.model_a, dtype=r.dtype, device=device,
-                                allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
-        return mat, mat.base_path
-    sources = open_sources(cfg.source_refs(), cfg.base_ref(), dtype=r.dtype, device=device,
-                           allow_pickle=cfg.allow_pickle, placement=r.placement, methods=[cfg.search_space.method])
-    return Materializer(sources, trust_remote_code=cfg.trust_remote_code), sources.base.path
+    worker = WorkerContext(device=resolve_device(r.device), placement=r.placement, allow_pickle=cfg.allow_pickle,
+                           trust_remote_code=cfg.trust_remote_code)
+    return cfg.kind.open_materializer(cfg.search_space, cfg.space_context(), worker)
 
 
 def resolve_device(device: str) -> str:

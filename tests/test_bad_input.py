@@ -370,7 +370,7 @@ def test_export_refuses_sources_that_changed_since_the_study_scored_them(existin
 
     from evomerge.study import load
 
-    fingerprints_attr = "source_fingerprints"  # evomerge.export.STUDY_FINGERPRINTS
+    fingerprints_attr = "source_fingerprints"  # evomerge.exporter.STUDY_FINGERPRINTS
     monkeypatch.setitem(CLI_ENV, "EVOMERGE_CACHE_DIR", str(tmp_path / "cache"))
     storage = _study_copy(existing_study, tmp_path)
     rec = load(existing_study.name, storage)

@@ -11,7 +11,7 @@ from evomerge.config import REPO_ROOT, ConfigError, config_from_dict, load_confi
 def test_toy_demo_experiment_is_valid():
     cfg = load_config(REPO_ROOT / "experiments" / "toy_ps.yaml")
     assert cfg.search_space.method == "task_arithmetic"
-    space = cfg.space(num_layers=4)
+    space = cfg.space(4)
     assert len(space.dims) == 2 * 6  # weight per expert per group (embed, 4 layers, head)
     assert [t.name for t in cfg.task_specs("test")] == ["toy_add_test", "toy_cipher_test"]
 
@@ -21,7 +21,7 @@ def test_paper_setup_loads_without_downloading():
 
     cfg = load_config(REPO_ROOT / "experiments" / "evollm_jp.yaml")
     assert cfg.base.path == "mistralai/Mistral-7B-v0.1" and len(cfg.sources) == 3
-    space = cfg.space(num_layers=32)
+    space = cfg.space(32)
     assert space.method.name == "dare_ties" and len(space.dims) == 6  # density + weight per model
     assert all(d.init == 0.5 for d in space.dims) and space.sigma == pytest.approx(1 / 6, rel=1e-3)
     assert default_population(len(space.dims)) == 9
@@ -60,7 +60,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_toy_dfs_and_hybrid_experiments_are_valid():
     dfs = load_config(REPO_ROOT / "experiments" / "toy_dfs.yaml")
-    assert dfs.is_dfs() and dfs.search_space.model_a == "expert_cipher"
+    assert dfs.kind.name == "dfs" and dfs.search_space.model_a == "expert_cipher"
     hybrid = load_config(REPO_ROOT / "experiments" / "toy_hybrid.yaml")
     stage2 = hybrid.for_stage(1, {"ps": "/tmp/best"})
     assert stage2.search_space.model_a == "best_of_ps" and stage2.optimizer.budget.trials == 100
@@ -70,7 +70,7 @@ def test_toy_dfs_and_hybrid_experiments_are_valid():
 def test_paper_hybrid_setup():
     cfg = load_config(REPO_ROOT / "experiments" / "evollm_jp_hybrid.yaml")
     stage2 = cfg.for_stage(1, {"ps": "/models/ps_best"})
-    space = stage2.space(32, {"best_of_ps": 32, "shisa_gamma": 32})
+    space = stage2.space({"best_of_ps": 32, "shisa_gamma": 32})
     assert len(space.slots) == 192  # M = 64 layers, r = 3
     assert stage2.optimizer.population == 128 and stage2.optimizer.budget.trials == 128 * 100
 
@@ -120,7 +120,7 @@ def test_a_directory_is_not_an_experiment(tmp_path):
 
 
 def test_a_dfs_space_that_the_depths_rule_out_names_the_field():
-    from evomerge.space import SpaceError
+    from evomerge.dims import SpaceError
 
     cfg = load_config(REPO_ROOT / "experiments" / "toy_dfs.yaml")
     cfg.search_space.max_len = 99

@@ -13,11 +13,25 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from evomerge.dfs import DFSRecipe, DFSRecipeError, DFSSpace, DFSSpaceSpec, LayerRef
+from evomerge.kinds.dfs.config import DFSSpaceConfig
+from evomerge.kinds.dfs.recipe import DFSRecipe, DFSRecipeError, LayerRef
+from evomerge.kinds.dfs.space import DFSSpace
 from evomerge.sources import SourceRef
-from evomerge.space import SpaceError
-from evomerge.stack import StackedModelBuilder, StackError, materialize_copy
-from evomerge.stack_export import export_state, save_standard_checkpoint
+from evomerge.dims import SpaceError
+from evomerge.kinds.dfs.stack import StackedModelBuilder, StackError, materialize_copy
+from evomerge.kinds.dfs.fold import export_state, plain_model
+
+def spec(**fields) -> DFSSpaceConfig:
+    return DFSSpaceConfig(kind="dfs", model_a="a", model_b="b", **fields)
+
+
+def save_plain(models, recipe, tokenizer, out):
+    """The DFS export's checkpoint (scales folded), as `evomerge export` writes it."""
+    plain_model(models, recipe).save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
 
 REF_A, REF_B = SourceRef("a", "/models/a"), SourceRef("b", "/models/b")
 # Small sliding windows, so the 7-token prompts plus 12 new tokens cross them.
@@ -83,7 +97,7 @@ def test_stacked_generation_equals_independent_copy(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_default_recipe_is_model_a(arch):
     models = sources(arch)
-    space = DFSSpace(REF_A, REF_B, 3, 3, DFSSpaceSpec())
+    space = DFSSpace(REF_A, REF_B, 3, 3, spec())
     stacked = StackedModelBuilder(models, "a").build(space.default_recipe())
     ids = prompts()
     with torch.no_grad():
@@ -109,7 +123,7 @@ def test_fifty_candidates_add_no_parameter_bytes():
     # Layers of ~2.4 MB: one copied layer per candidate would add > 100 MB over 50 candidates.
     models = sources("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2)
     owned = {t.data_ptr() for m in models.values() for t in [*m.parameters(), *m.buffers()]}
-    space = DFSSpace(REF_A, REF_B, 2, 2, DFSSpaceSpec(repeats=3))
+    space = DFSSpace(REF_A, REF_B, 2, 2, spec(repeats=3))
     rng = np.random.default_rng(0)
     builder = StackedModelBuilder(models, "a")
     builder.build(space.default_recipe())  # warm up lazy imports and allocator caches
@@ -174,7 +188,7 @@ def test_export_matches_stacked_and_loads_plainly(arch, tmp_path):
     # The fold is exact up to RMSNorm's eps; initializer_range 0.2 keeps the residual stream
     # (mean square ~4e-2) far above eps (1e-6), as in trained models past their first layers.
     models = sources(arch, vocab_size=len(tok), initializer_range=0.2)
-    out = save_standard_checkpoint(models, recipe(), tok, tmp_path / "out")
+    out = save_plain(models, recipe(), tok, tmp_path / "out")
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (out / name).exists(), name
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -204,7 +218,7 @@ def test_fold_is_exact_without_eps():
 
 def test_tied_embeddings_export_keeps_the_head_unscaled(tmp_path):
     models = sources("llama", rms_norm_eps=0.0, tie_word_embeddings=True)
-    plain = AutoModelForCausalLM.from_pretrained(save_standard_checkpoint(models, recipe(), None, tmp_path))
+    plain = AutoModelForCausalLM.from_pretrained(save_plain(models, recipe(), None, tmp_path))
     assert plain.lm_head.weight is plain.model.embed_tokens.weight
     assert torch.equal(plain.model.embed_tokens.weight, models["a"].model.embed_tokens.weight)
     ids = prompts()
@@ -220,7 +234,7 @@ ODD_SCALES = [0.7, 1.3, 1.9, 0.6, 1.7, 0.65]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fold_rounds_once(dtype):
     """Every folded weight is the `dtype` value nearest to (scored weight) x factor: one rounding."""
-    from evomerge.stack_export import fold_factors
+    from evomerge.kinds.dfs.fold import fold_factors
 
     models = {k: m.to(dtype) for k, m in sources("llama").items()}
     rec = recipe(scales=ODD_SCALES)
@@ -255,9 +269,9 @@ def test_bfloat16_export_is_as_close_to_the_scored_model_as_bfloat16_allows(tmp_
     the study scores, on 320 positions (logits up to ~14, where one bfloat16 step is 1/16): within
     two steps, and no further from it than that stacked model computed in float32 is. A fold in
     bfloat16 arithmetic (the factor rounded to bfloat16; issue #14 measured 0.22) is not."""
-    import evomerge.stack_export as stack_export
-    from evomerge.export import merge_recipe
-    from evomerge.materialize import StackMaterializer
+    import evomerge.kinds.dfs.fold as stack_export
+    from evomerge.exporter import merge_recipe
+    from evomerge.kinds.dfs.materialize import StackMaterializer
     from evomerge.toy import FIXTURES
 
     monkeypatch.setenv("EVOMERGE_CACHE_DIR", str(tmp_path / "cache"))
@@ -296,7 +310,7 @@ def test_bfloat16_export_is_as_close_to_the_scored_model_as_bfloat16_allows(tmp_
 # --- encoding --------------------------------------------------------------------------------
 
 def test_init_params_decode_to_model_a():
-    space = DFSSpace(REF_A, REF_B, 3, 2, DFSSpaceSpec(repeats=3))
+    space = DFSSpace(REF_A, REF_B, 3, 2, spec(repeats=3))
     assert len(space.slots) == 15 and len(space.dims) == 30
     rec = space.decode(space.init_params())
     assert rec.path == [LayerRef("a", 0), LayerRef("a", 1), LayerRef("a", 2)] and rec.scales == [1.0] * 3
@@ -307,7 +321,7 @@ def test_init_params_decode_to_model_a():
 
 
 def test_indicators_keep_positive_slots_in_slot_order():
-    space = DFSSpace(REF_A, REF_B, 2, 2, DFSSpaceSpec(repeats=2))
+    space = DFSSpace(REF_A, REF_B, 2, 2, spec(repeats=2))
     params = {d.key: -1.0 for d in space.dims if d.param == "I"}
     params |= {d.key: 0.0 for d in space.dims if d.param == "s"}
     params |= {"I/r1/A/0": 0.3, "I/r0/B/1": 1.2, "I/r0/A/1": 0.01, "I/r1/B/0": 0.0, "s/r0/B/1": 1.0,
@@ -318,7 +332,7 @@ def test_indicators_keep_positive_slots_in_slot_order():
 
 
 def test_length_bounds_are_repaired_deterministically():
-    space = DFSSpace(REF_A, REF_B, 2, 2, DFSSpaceSpec(repeats=2, min_len=2, max_len=3))
+    space = DFSSpace(REF_A, REF_B, 2, 2, spec(repeats=2, min_len=2, max_len=3))
     base = {d.key: 0.0 for d in space.dims if d.param == "s"}
     too_long = base | {d.key: 1.0 for d in space.dims if d.param == "I"} | {"I/r0/A/1": 0.2, "I/r1/B/0": 0.5}
     # 8 kept, 3 allowed: drop the lowest indicators first, then (ties at 1.0) the earlier slots.
@@ -326,11 +340,11 @@ def test_length_bounds_are_repaired_deterministically():
     too_short = base | {d.key: -1.0 for d in space.dims if d.param == "I"} | {"I/r1/B/1": -0.1, "I/r0/B/0": -0.5}
     assert [s.name for s in space.kept_slots(too_short)] == ["r0/B/0", "r1/B/1"]
     with pytest.raises(SpaceError, match="min_len"):
-        DFSSpace(REF_A, REF_B, 2, 2, DFSSpaceSpec(repeats=1, max_len=5))
+        DFSSpace(REF_A, REF_B, 2, 2, spec(repeats=1, max_len=5))
 
 
 def test_pairwise_scales_follow_the_previous_layer():
-    space = DFSSpace(REF_A, REF_B, 2, 1, DFSSpaceSpec(repeats=2, scale_mode="pairwise"))
+    space = DFSSpace(REF_A, REF_B, 2, 1, spec(repeats=2, scale_mode="pairwise"))
     assert len([d for d in space.dims if d.param == "W"]) == 4 * 3  # rows: emb + 3 layers
     params = space.init_params() | {"I/r0/B/0": 1.0, "I/r1/A/1": 1.0,
                                     "W/emb/A0": 1.0, "W/A1/B0": -1.0, "W/B0/A1": 2.0}

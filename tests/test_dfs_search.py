@@ -8,7 +8,8 @@ from dataclasses import replace
 from optuna.trial import TrialState
 
 from evomerge.config import REPO_ROOT, config_from_dict
-from evomerge.recipe import recipe_from_dict
+from evomerge.kinds import recipe_from_dict
+from evomerge.kinds.dfs.recipe import DFSRecipe
 from evomerge.runner import RunOptions, run_experiment
 from evomerge.study import load
 
@@ -42,7 +43,7 @@ def test_dfs_study_runs_inline(tiny_world, tmp_path):
     trials = [t for t in rec.study.get_trials() if "generation" in t.user_attrs]
     assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
     recipes = [recipe_from_dict(t.user_attrs["recipe"]) for t in trials]
-    assert all(r.kind == "dfs" and 1 <= len(r.path) <= 8 and all(s > 0 for s in r.scales) for r in recipes)
+    assert all(isinstance(r, DFSRecipe) and 1 <= len(r.path) <= 8 and all(s > 0 for s in r.scales) for r in recipes)
     assert len({tuple((h.model, h.layer) for h in r.path) + tuple(r.scales) for r in recipes}) > 1
     assert [r["kind"] for r in summary["rows"]] == ["source", "source", "evolved", "baseline"]
     assert summary["rows"][-1]["name"] == "ps_tiny: evolved (trial 3)"
@@ -115,9 +116,9 @@ def test_dfs_trial_exports_as_a_plain_checkpoint(tiny_world, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evomerge.dfs import DFSRecipe, LayerRef
-    from evomerge.export import merge_recipe
-    from evomerge.materialize import StackMaterializer
+    from evomerge.kinds.dfs.recipe import DFSRecipe, LayerRef
+    from evomerge.exporter import merge_recipe
+    from evomerge.kinds.dfs.materialize import StackMaterializer
     from evomerge.sources import SourceRef
 
     a, b = SourceRef("a", str(tiny_world["a"])), SourceRef("b", str(tiny_world["b"]))

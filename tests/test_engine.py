@@ -177,7 +177,7 @@ def test_split_kinds_puts_each_norm_with_the_block_it_normalizes(arch):
 def test_mergekit_filters_follow_the_norm_groups(arch):
     """The exported filters send every tensor of these architectures to its evomerge group."""
     from evomerge.groups import group_map
-    from evomerge.mergekit_config import mergekit_config, resolve_setting
+    from evomerge.kinds.ps.mergekit import mergekit_config, resolve_setting
     from evomerge.recipe import PSRecipe
 
     names = _real_names(arch, **({"head_dim": 8} if arch == "gemma2" else {}))

@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 import evomerge
 from evomerge.cli import main
-from evomerge.export import ExportError, merge_recipe
+from evomerge.exporter import ExportError, merge_recipe
 from evomerge.study import StudyError, load
 
 TINY_TASKS = Path(__file__).parent / "data" / "tiny_tasks"
@@ -73,7 +73,7 @@ def _cli(*argv: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def study(tiny_world, tmp_path_factory):
     """A finished 6-candidate study (one FAIL) and its export by the CLI with small shards."""
-    from evomerge import materialize
+    from evomerge.kinds.ps import materialize
     from evomerge.config import config_from_dict
     from evomerge.runner import RunOptions, run_experiment
 
@@ -308,7 +308,7 @@ def test_dfs_bfloat16_export_shows_the_rescored_fitness_beside_the_studys(tmp_pa
 def test_a_failed_merge_leaves_no_output_behind(study, tmp_path, monkeypatch):
     """A failure while writing removes what the merge created (staging dir, new parents); an
     existing export given with --force stays as it was; a good --force run replaces it."""
-    from evomerge import export as export_mod
+    from evomerge import exporter as export_mod
 
     monkeypatch.setenv("EVOMERGE_CACHE_DIR", str(study.root / "cache"))
     recipe = study.out / "recipe.yaml"

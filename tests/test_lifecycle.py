@@ -393,7 +393,7 @@ def test_a_half_written_stage_checkpoint_is_never_taken_as_complete(tmp_path, mo
     from tests.test_search import toy_experiment
 
     cfg = config_from_dict(toy_experiment("stage"))
-    recipe = cfg.space(4, None).default_recipe().to_dict()
+    recipe = cfg.space(4).default_recipe().to_dict()
     out = tmp_path / "stages" / "ps" / "best"
 
     import transformers

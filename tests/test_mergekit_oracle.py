@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.export import merge_recipe
+from evomerge.exporter import merge_recipe
 from evomerge.groups import Granularity
-from evomerge.recipe import PSRecipe
+from evomerge.kinds.ps.recipe import PSRecipe
 from evomerge.sources import SourceRef
 from mergekit_env import mergekit_venv, run_mergekit_yaml
 

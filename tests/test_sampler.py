@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from evomerge.sampler import CmaSampler, OptunaSampler
-from evomerge.space import Dim, DimVector
+from evomerge.dims import Dim, DimVector
 
 
 class _Space(DimVector):

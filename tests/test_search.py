@@ -65,7 +65,7 @@ def test_search_with_two_ray_workers(tmp_path, ray_local):
 
 def test_failing_candidate_becomes_fail_trial(tmp_path, monkeypatch):
     """A candidate that raises inside the worker is FAIL with its message; the others complete."""
-    from evomerge import materialize
+    from evomerge.kinds.ps import materialize
 
     original = materialize.Materializer.apply
     calls = {"n": 0}

@@ -19,9 +19,9 @@ import random
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from evomerge.dfs import DFSRecipe, LayerRef
+from evomerge.kinds.dfs.recipe import DFSRecipe, LayerRef
 from evomerge.sources import SourceRef
-from evomerge.stack import StackedModelBuilder, materialize_copy
+from evomerge.kinds.dfs.stack import StackedModelBuilder, materialize_copy
 from experiments.benchmarks.common import row
 
 

@@ -168,7 +168,7 @@ def main(quick: bool = False, candidates: int | None = None, tiny: bool = False,
 
     from evomerge.config import config_from_dict
     from evomerge.evaluate import _quiet
-    from evomerge.recipe import recipe_from_dict  # noqa: F401  (the worker decodes recipe dicts)
+    from evomerge.kinds import recipe_from_dict  # noqa: F401  (the worker decodes recipe dicts
     from evomerge.workers import CandidateWorker, Job
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -215,7 +215,7 @@ def main(quick: bool = False, candidates: int | None = None, tiny: bool = False,
         with _quiet(logging.ERROR):
             lm = HFLM(pretrained=model, tokenizer=worker.tokenizer, batch_size=cfg.fitness.batch_size)
         base_times, base_model = [], []
-        from evomerge.recipe import recipe_from_dict as decode
+        from evomerge.kinds import recipe_from_dict as decode
 
         for i, r in enumerate(recipes):
             worker.materializer.apply(decode(r))

@@ -10,7 +10,7 @@ into its live output model. Candidates are random per-layer recipes of each meth
   per second against a large tensor copy (read + write bytes per second) measured in the same run,
   before each method's candidates and after the last, at the run's thread count and at one thread:
   the highest of these copy rates is the baseline (the machine is shared and noisy).
-- mergekit: the same recipes exported with `evomerge.mergekit_config` and built by mergekit 0.1.5
+- mergekit: the same recipes exported with `evomerge.kinds.ps.mergekit` and built by mergekit 0.1.5
   in memory from the same checkpoints, as mergekit-evolve's InMemoryMergeEvaluator does
   (`mergekit_runner.py`, in mergekit's own venv from tests/mergekit_env.py), same thread count.
 Times are the best of the timed candidates after one warm-up candidate (which fills the caches:
@@ -30,9 +30,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evomerge.groups import Granularity
-from evomerge.materialize import Materializer
+from evomerge.kinds.ps.materialize import Materializer
 from evomerge.sources import SourceRef, SourceSet, open_sources
-from evomerge.space import ParamRange, PSSpace
+from evomerge.kinds.ps.config import ParamRange
+from evomerge.kinds.ps.space import PSSpace
 from experiments.benchmarks.common import copy_bandwidth, row, timed
 # the digest mergekit_runner.py computes in mergekit's venv (that file runs on its own there)
 from experiments.benchmarks.mergekit_runner import weights_digest
@@ -104,7 +105,7 @@ def mergekit_python() -> tuple[str | None, str]:
 
 
 def time_mergekit(python: str, runs: dict[str, list], tensor_names: list[str], threads: int) -> dict[str, list[float]]:
-    from evomerge.mergekit_config import mergekit_config
+    from evomerge.kinds.ps.mergekit import mergekit_config
 
     spec = {"threads": threads,
             "runs": [{"name": name, "configs": [mergekit_config(r, tensor_names).config for r in rs], "warmup": i == 0}

@@ -93,7 +93,7 @@ def _config(workers: int, shards: int, population: int, generations: int) -> dic
 def utilization(workers: int = 4, shards: int = 1, population: int = 10, generations: int = 10,
                 seed: int = 0) -> float:
     cfg = config_from_dict(_config(workers, shards, population, generations))
-    space = cfg.space(num_layers=4)
+    space = cfg.space(4)
     sampler = make_sampler("cmaes", space, seed, population, workers)
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(direction="maximize", sampler=study_sampler(sampler), storage=storage)

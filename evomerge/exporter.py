@@ -3,8 +3,8 @@
 `export_study` and `merge_recipe` share one path (`write_recipe_outputs`): the recipe is
 materialized exactly as a worker does it (same sources, dtype and in-place merge), so the
 exported checkpoint holds the tensors the trial was scored on, and `evomerge merge recipe.yaml`
-rebuilds them bit for bit. A recipe's `kind` picks how it is parsed, built and translated for
-mergekit (`RECIPE_KINDS`), so other kinds (DFS) add an entry instead of branching here.
+rebuilds them bit for bit. A recipe's kind (`evomerge.kinds`) parses, builds and translates it
+for mergekit, so nothing here depends on which kind it is.
 
 Order of work, so that a refused or failed export costs little and leaves nothing behind:
 check the recipe (method, values, dtype) and that its sources exist, then hash the sources and
@@ -33,10 +33,9 @@ from typing import Any, Callable
 
 import yaml
 
-from evomerge import _callable_module
-from evomerge.mergekit_config import MergekitConfig, mergekit_config
-from evomerge.recipe import PSRecipe, RecipeError, check_recipe, recipe_from_dict
-from evomerge.sources import SourceRef, read_config, resolve_path, weight_files
+from evomerge.kinds import BuildOptions, Built, RecipeError, check_recipe, kind_of, kind_of_recipe, recipe_from_dict
+from evomerge.refs import SourceRef
+from evomerge.sources import read_config, resolve_path, weight_files
 
 DEFAULT_SHARD_SIZE = "5GB"
 _WEIGHT_GLOBS = ("model*.safetensors", "model.safetensors.index.json")
@@ -54,32 +53,6 @@ class ExportError(ValueError):
 
 
 @dataclass
-class BuildOptions:
-    device: str = "cpu"
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-
-
-@dataclass
-class Built:
-    """A materialized recipe: the model to save and what the other outputs need to know."""
-
-    model: Any
-    recipe: Any
-    config_dir: Path  # tokenizer and generation config come from here (the base, or the first source)
-    tensor_names: list[str]
-
-
-@dataclass(frozen=True)
-class RecipeKind:
-    """How one kind of recipe is parsed, built, and (if it can be) written for mergekit."""
-
-    parse: Callable[[dict], Any]
-    build: Callable[[Any, BuildOptions], Built]
-    mergekit: Callable[[Built], MergekitConfig] | None
-
-
-@dataclass
 class ExportResult:
     out: Path
     files: list[Path] = field(default_factory=list)
@@ -88,48 +61,6 @@ class ExportResult:
     trial: int | None = None
     fitness: float | None = None
     rescore: dict | None = None  # export_study: the written checkpoint's own fitness (see evomerge.rescore)
-
-
-# -- recipe kinds ---------------------------------------------------------------------------
-
-def _build_ps(recipe: PSRecipe, opts: BuildOptions) -> Built:
-    from evomerge.materialize import Materializer
-    from evomerge.sources import open_sources
-
-    sources = open_sources(recipe.sources, recipe.base, dtype=recipe.dtype, device=opts.device,
-                           allow_pickle=opts.allow_pickle, methods=[recipe.method])
-    model = Materializer(sources, trust_remote_code=opts.trust_remote_code).apply(recipe)
-    return Built(model, recipe, sources.base.path, list(sources.base.shapes))
-
-
-def _mergekit_ps(built: Built) -> MergekitConfig:
-    return mergekit_config(built.recipe, built.tensor_names)
-
-
-def _build_dfs(recipe, opts: BuildOptions) -> Built:
-    """A layer path as a plain checkpoint of model A's architecture, the scales folded in."""
-    from evomerge.materialize import StackMaterializer
-    from evomerge.stack_export import plain_model
-
-    refs = recipe.sources
-    mat = StackMaterializer(refs, recipe.model_a.name, dtype=recipe.dtype, device=opts.device,
-                            allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
-    model = plain_model(mat.models, recipe)
-    return Built(model, recipe, mat.base_path, [n for n, _ in model.named_parameters()])
-
-
-RECIPE_KINDS: dict[str, RecipeKind] = {
-    "ps": RecipeKind(recipe_from_dict, _build_ps, _mergekit_ps),
-    "dfs": RecipeKind(recipe_from_dict, _build_dfs, None),  # mergekit has no input scales
-}
-
-
-def recipe_kind(d: dict) -> RecipeKind:
-    kind = d.get("kind", "ps") if isinstance(d, dict) else None
-    if kind not in RECIPE_KINDS:
-        raise RecipeError(f"recipe kind {kind!r} cannot be exported by this evomerge; known kinds: "
-                          f"{sorted(RECIPE_KINDS)}")
-    return RECIPE_KINDS[kind]
 
 
 # -- source fingerprints --------------------------------------------------------------------
@@ -197,7 +128,7 @@ def record_source_fingerprints(rec, cfg, printer: Callable[[str], None] = print)
     stored = rec.get(STUDY_FINGERPRINTS)
     if stored:
         return stored
-    refs = list(dict.fromkeys([*cfg.source_refs(), *([cfg.base_ref()] if cfg.base else [])]))
+    refs = list(dict.fromkeys([*cfg.sources, *([cfg.base] if cfg.base else [])]))
     printer("hashing the source weights (sha256, cached per file) ...")
     prints = fingerprints(refs, cfg.allow_pickle)
     rec.set(STUDY_FINGERPRINTS, prints)
@@ -236,8 +167,8 @@ def check_study_sources(rec, refs: list[SourceRef], current: dict, allow_pickle:
 # -- checks before any weight is read ---------------------------------------------------------
 
 def recipe_refs(recipe) -> list[SourceRef]:
-    """Every checkpoint a recipe reads: the base (PS) and the sources, each once."""
-    return ([recipe.base] if getattr(recipe, "base", None) else []) + list(recipe.sources)
+    """Every checkpoint a recipe reads (for PS: the base and the sources), each once."""
+    return kind_of(recipe).recipe_sources(recipe)
 
 
 def check_recipe_sources(recipe, allow_pickle: bool = False) -> None:
@@ -247,22 +178,15 @@ def check_recipe_sources(recipe, allow_pickle: bool = False) -> None:
         path = resolve_path(ref, allow_pickle=allow_pickle)
         config = read_config(path, ref.name)
         weight_files(path, ref.name, allow_pickle)
-        depth[ref.name] = config.get("num_hidden_layers", config.get("n_layer"))
-    if getattr(recipe, "kind", "ps") == "dfs":
-        for k, hop in enumerate(recipe.path):
-            n = depth.get(hop.model)
-            if n is not None and hop.layer >= int(n):
-                raise RecipeError(f"hop {k} runs layer {hop.layer} of {hop.model!r}, which has {n} layers")
-        return
-    ref = recipe.base or recipe.sources[0]
-    n = depth.get(ref.name)
-    if n is not None and int(n) != recipe.num_layers:
-        raise RecipeError(f"the recipe is for {recipe.num_layers} layers, but {ref.name!r} at {ref.path} has {n}")
+        n = config.get("num_hidden_layers", config.get("n_layer"))
+        if n is not None:
+            depth[ref.name] = int(n)
+    kind_of(recipe).check_depths(recipe, depth)
 
 
 def parse_recipe(recipe_dict: dict, allow_pickle: bool = False):
     """The recipe object, after every check that needs no weights (see the module docstring)."""
-    recipe = recipe_kind(recipe_dict).parse(recipe_dict)
+    recipe = recipe_from_dict(recipe_dict)
     check_recipe(recipe)
     check_recipe_sources(recipe, allow_pickle)
     return recipe
@@ -374,7 +298,7 @@ def write_recipe_outputs(recipe_dict: dict, out: Path, *, opts: BuildOptions, ma
     `recipe` and `prints` (the parsed recipe, the sources' fingerprints) when the caller already
     has them; otherwise the recipe is checked and the sources hashed here, before any load.
     """
-    kind = recipe_kind(recipe_dict)
+    kind = kind_of_recipe(recipe_dict)
     if recipe is None:
         recipe = parse_recipe(recipe_dict, opts.allow_pickle)
     if prints is None:
@@ -387,17 +311,14 @@ def write_recipe_outputs(recipe_dict: dict, out: Path, *, opts: BuildOptions, ma
     res = ExportResult(out, fingerprints=prints)
     (out / "recipe.yaml").write_text(_recipe_yaml(recipe.to_dict(), prints, header))
     res.files.append(out / "recipe.yaml")
-    if kind.mergekit is not None:
-        try:
-            mk = kind.mergekit(built)
-        except RecipeError as exc:
-            res.mergekit_notes = [f"no mergekit.yaml: {exc}"]
-        else:
-            (out / "mergekit.yaml").write_text(mk.to_yaml())
-            res.files.append(out / "mergekit.yaml")
-            res.mergekit_notes = mk.notes
+    try:
+        mk = kind.mergekit(built)
+    except RecipeError as exc:
+        res.mergekit_notes = [f"no mergekit.yaml: {exc}"]
     else:
-        res.mergekit_notes = [f"no mergekit.yaml: mergekit cannot express a {recipe_dict.get('kind')!r} recipe"]
+        (out / "mergekit.yaml").write_text(mk.to_yaml())
+        res.files.append(out / "mergekit.yaml")
+        res.mergekit_notes = mk.notes
     printer("writing the checkpoint ...")
     write_checkpoint(built, out, max_shard_size, opts.trust_remote_code)
     res.files += sorted(p for p in out.iterdir() if p.name not in ("recipe.yaml", "mergekit.yaml"))
@@ -475,7 +396,7 @@ def export_study(study: str, storage: str | None = None, trial: int | None = Non
     from evomerge.config import config_from_dict
     from evomerge.modelcard import write_study_card
     from evomerge.study import load
-    from evomerge.trials import default_storage_url
+    from evomerge.trial_table import default_storage_url
 
     url = storage or default_storage_url(study)
     rec = load(study, url)
@@ -563,6 +484,3 @@ def _finish(res: ExportResult, printer: Callable[[str], None]) -> None:
         if not res.rescore.get("same", True):
             printer(rescore_warning(res.rescore))
     printer(f"wrote {len(res.files)} files to {res.out}: " + ", ".join(sorted({p.name for p in res.files})))
-
-
-_callable_module(__name__, "export_study")  # evomerge.export(...) works after `import evomerge.export`

@@ -23,118 +23,14 @@ Choices made here (the paper leaves them open):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
 
-from evomerge.space import Dim, DimVector, SpaceError
-from evomerge.sources import SourceRef
+from evomerge.dims import Dim, DimVector, SpaceError
+from evomerge.kinds.dfs.config import DFSSpaceConfig
+from evomerge.kinds.dfs.recipe import DFSRecipe, LayerRef
+from evomerge.refs import SourceRef
 
-DFS_RECIPE_VERSION = 1
 SIDES = ("A", "B")
-
-
-class DFSRecipeError(ValueError):
-    """A DFS recipe dict is malformed; the message names the field."""
-
-
-@dataclass(frozen=True)
-class LayerRef:
-    """One hop of a path: decoder layer `layer` of the source named `model`."""
-
-    model: str
-    layer: int
-
-
-@dataclass
-class DFSRecipe:
-    """A stacked model: A's embeddings, norm and head around a path of (model, layer) hops.
-
-    `scales[k]` multiplies the input hidden states of hop k; all scales are positive.
-    """
-
-    model_a: SourceRef
-    model_b: SourceRef
-    path: list[LayerRef]
-    scales: list[float]
-    dtype: str = "float32"
-    kind: str = "dfs"
-
-    def __post_init__(self) -> None:
-        self.check()
-
-    @property
-    def sources(self) -> list[SourceRef]:
-        return [self.model_a] if self.model_b.name == self.model_a.name else [self.model_a, self.model_b]
-
-    def check(self) -> None:
-        if not self.path:
-            raise DFSRecipeError("a DFS recipe needs at least one hop in its path")
-        if len(self.scales) != len(self.path):
-            raise DFSRecipeError(f"the path has {len(self.path)} hops but there are {len(self.scales)} scales")
-        names = {self.model_a.name, self.model_b.name}
-        for k, (hop, s) in enumerate(zip(self.path, self.scales)):
-            if hop.model not in names:
-                raise DFSRecipeError(f"hop {k} runs a layer of {hop.model!r}, which is neither model_a "
-                                     f"nor model_b ({sorted(names)})")
-            if hop.layer < 0:
-                raise DFSRecipeError(f"hop {k} has a negative layer index {hop.layer}")
-            if not (math.isfinite(s) and s > 0):
-                raise DFSRecipeError(f"hop {k} has scale {s}; scales must be finite and positive so they "
-                                     "fold into weights on export")
-
-    def to_dict(self) -> dict:
-        from evomerge import __version__
-
-        return {
-            "evomerge_recipe": DFS_RECIPE_VERSION,
-            "evomerge_version": __version__,
-            "kind": "dfs",
-            "dtype": self.dtype,
-            "model_a": _ref_dict(self.model_a),
-            "model_b": _ref_dict(self.model_b),
-            "hops": [{"model": h.model, "layer": int(h.layer), "scale": float(s)}
-                     for h, s in zip(self.path, self.scales)],
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DFSRecipe:
-        if not isinstance(d, dict) or d.get("kind") != "dfs":
-            raise DFSRecipeError(f"not a DFS recipe: 'kind' is {d.get('kind') if isinstance(d, dict) else d!r}")
-        if d.get("evomerge_recipe", DFS_RECIPE_VERSION) > DFS_RECIPE_VERSION:
-            raise DFSRecipeError(f"recipe version {d['evomerge_recipe']} is newer than this evomerge "
-                                 f"understands ({DFS_RECIPE_VERSION}); upgrade evomerge")
-        hops = d.get("hops")
-        if not isinstance(hops, list):
-            raise DFSRecipeError("a DFS recipe needs a 'hops' list of {model, layer, scale}")
-        try:
-            path = [LayerRef(str(h["model"]), int(h["layer"])) for h in hops]
-            scales = [float(h.get("scale", 1.0)) for h in hops]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DFSRecipeError(f"every hop needs 'model' and an integer 'layer': {exc}") from exc
-        return cls(model_a=_ref(d.get("model_a"), "model_a"), model_b=_ref(d.get("model_b"), "model_b"),
-                   path=path, scales=scales, dtype=str(d.get("dtype", "float32")))
-
-
-def _ref_dict(ref: SourceRef) -> dict:
-    return ref.to_dict()
-
-
-def _ref(d: Any, where: str) -> SourceRef:
-    return SourceRef.from_dict(d, where, DFSRecipeError)
-
-
-@dataclass
-class DFSSpaceSpec:
-    """The evolvable part of a DFS search (see the module docstring for the choices)."""
-
-    repeats: int = 3
-    scale_mode: Literal["per_hop", "pairwise"] = "per_hop"
-    scale_low: float = 0.25
-    scale_high: float = 4.0
-    min_len: int = 1
-    max_len: int | None = None
-    sigma: float = 1 / 6
-    indicator_bound: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -157,7 +53,7 @@ class Slot:
 
 @dataclass
 class DFSSpace(DimVector):
-    """Optuna parameters <-> DFSRecipe; the same duck-typed interface as `evomerge.space.PSSpace`.
+    """Optuna parameters <-> DFSRecipe; the interface every space offers the samplers.
 
     Parameter keys: `I/r0/A/3` (indicator of slot r0/A/3); per_hop `s/r0/A/3` (log2 of the scale
     slot r0/A/3 applies when kept); pairwise `W/A3/B5` (log2 scale of B's layer 5 run right
@@ -168,9 +64,8 @@ class DFSSpace(DimVector):
     model_b: SourceRef
     layers_a: int
     layers_b: int
-    spec: DFSSpaceSpec = field(default_factory=DFSSpaceSpec)
+    spec: DFSSpaceConfig
     dtype: str = "float32"
-    kind = "dfs"
 
     def __post_init__(self) -> None:
         self._check_spec()

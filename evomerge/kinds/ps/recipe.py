@@ -1,4 +1,4 @@
-"""Recipes: exactly which merge to build, as data that round-trips through YAML.
+"""A parameter-space recipe: exactly which merge to build, as data that round-trips through YAML.
 
 A recipe is what a trial stores, what a worker materializes and what `export` writes; it is
 self-contained (sources, base, method, every per-group value, the DARE seed), so it can be
@@ -8,20 +8,12 @@ re-run with no study.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from evomerge import __version__
 from evomerge.groups import Granularity, group_names
-from evomerge.sources import SourceRef
-
-RECIPE_VERSION = 1
-
-
-class RecipeError(ValueError):
-    """A recipe file or dict is malformed; the message names the field."""
+from evomerge.kinds.base import RECIPE_VERSION, RecipeError
+from evomerge.refs import SourceRef
+from evomerge.version import __version__
 
 
 @dataclass
@@ -38,7 +30,6 @@ class PSRecipe:
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     dtype: str = "float32"
-    kind: str = "ps"
 
     @property
     def groups(self) -> list[str]:
@@ -94,22 +85,8 @@ def _ref(d: Any, where: str) -> SourceRef:
     return SourceRef.from_dict(d, where, RecipeError)
 
 
-def recipe_from_dict(d: dict):
-    """A PSRecipe or, for `kind: dfs`, a DFSRecipe."""
-    if not isinstance(d, dict) or "evomerge_recipe" not in d:
-        raise RecipeError("not an evomerge recipe: the top-level key 'evomerge_recipe' is missing")
-    if d["evomerge_recipe"] > RECIPE_VERSION:
-        raise RecipeError(f"recipe version {d['evomerge_recipe']} is newer than this evomerge "
-                          f"understands ({RECIPE_VERSION}); upgrade evomerge")
-    if d.get("kind", "ps") == "dfs":
-        from evomerge.dfs import DFSRecipe, DFSRecipeError
-
-        try:
-            return DFSRecipe.from_dict(d)
-        except DFSRecipeError as exc:
-            raise RecipeError(str(exc)) from exc
-    if d.get("kind", "ps") != "ps":
-        raise RecipeError(f"recipe kind {d.get('kind')!r} is unknown; expected ps or dfs")
+def parse_ps(d: dict) -> PSRecipe:
+    """A PSRecipe from its dict (the version was checked by `evomerge.kinds.recipe_from_dict`)."""
     try:
         sources = [_ref(s, f"sources[{i}]") for i, s in enumerate(d["sources"])]
         per_model = {p: v for p, v in d.get("parameters", {}).items() if isinstance(v, dict)}
@@ -127,20 +104,10 @@ def recipe_from_dict(d: dict):
     return recipe
 
 
-def check_recipe(recipe) -> None:
-    """Everything about a parsed recipe that can be checked without its sources: dtype, and for PS
-    the method (known), its shape and every value in the method's range, group by group.
-
-    `merge` and `export` call this before hashing or loading any weight, so a bad recipe fails
-    in a second with the field named, not after minutes of loading.
-    """
+def check_ps(recipe: PSRecipe) -> None:
+    """The method (known), the recipe's shape and every value in the method's range, group by group."""
     from evomerge.methods import MergeError, get_method
-    from evomerge.sources import DTYPES
 
-    if recipe.dtype not in DTYPES:
-        raise RecipeError(f"recipe dtype {recipe.dtype!r} is not supported; use one of {sorted(DTYPES)}")
-    if getattr(recipe, "kind", "ps") != "ps":
-        return  # a DFS recipe checked its hops and scales when it was built
     recipe.check_shape()
     try:
         method = get_method(recipe.method)
@@ -155,17 +122,3 @@ def check_recipe(recipe) -> None:
             method.validate({**per_model, **glob}, len(recipe.sources))
         except MergeError as exc:
             raise RecipeError(f"recipe parameters, group {group!r}: {exc}") from exc
-
-
-def save_recipe(recipe: PSRecipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-
-
-def load_recipe(path: str | Path) -> PSRecipe:
-    p = Path(path)
-    if not p.exists():
-        raise RecipeError(f"no recipe file at {p}")
-    try:
-        return recipe_from_dict(yaml.safe_load(p.read_text()))
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{p} is not valid YAML: {exc}") from exc

@@ -1,4 +1,4 @@
-"""Write a recipe into a live model, in place.
+"""Write a PS recipe into a live model, in place.
 
 The output model is built once per worker from the base checkpoint; each candidate only
 rewrites its parameter tensors (same tensor objects, same storage), so nothing is allocated
@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.groups import group_map
 from evomerge.methods import MergeInputs, TensorCache, get_method
-from evomerge.recipe import PSRecipe, RecipeError
+from evomerge.kinds.base import RecipeError
+from evomerge.kinds.ps.recipe import PSRecipe
 from evomerge.sources import SourceSet
 
 
@@ -113,35 +114,4 @@ class Materializer:
         weights = load_tensors(infos[name].files, self.sources.dtype, self.sources.compute_device or self.sources.device)
         for pname, param in self.params.items():
             param.data.copy_(weights[pname])
-        return self.model
-
-
-class StackMaterializer:
-    """The DFS counterpart: sources loaded once as models; a candidate is a zero-copy stack of them."""
-
-    def __init__(self, refs: list, model_a: str, *, dtype: str = "float32", device: str = "cpu",
-                 allow_pickle: bool = False, trust_remote_code: bool = False) -> None:
-        from evomerge.sources import DTYPES, check_compatible, inspect
-        from evomerge.stack import StackedModelBuilder
-
-        infos = {r.name: inspect(r, allow_pickle=allow_pickle) for r in refs}
-        check_compatible({n: i.config for n, i in infos.items()}, {n: i.shapes for n, i in infos.items()})
-        self.models = {}
-        for name, info in infos.items():
-            model = AutoModelForCausalLM.from_pretrained(str(info.path), dtype=DTYPES[dtype],
-                                                         trust_remote_code=trust_remote_code,
-                                                         use_safetensors=not allow_pickle or None)
-            self.models[name] = model.to(device).eval().requires_grad_(False)
-        self.base_path = infos[model_a].path
-        self.builder = StackedModelBuilder(self.models, model_a)
-        self.model: PreTrainedModel = self.models[model_a]
-
-    def apply(self, recipe) -> PreTrainedModel:
-        self.model = self.builder.build(recipe)
-        return self.model
-
-    def load_source(self, name: str) -> PreTrainedModel:
-        if name not in self.models:
-            raise RecipeError(f"unknown source {name!r}; DFS sources are {sorted(self.models)}")
-        self.model = self.models[name]
         return self.model

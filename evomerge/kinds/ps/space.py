@@ -1,83 +1,22 @@
-"""Search spaces: a flat vector of evolvable values <-> a Recipe.
-
-Samplers see named float parameters (Optuna distributions); workers see recipes. Every value
-is also mapped to [0, 1] of its range so CMA-ES gets one step size for all dimensions (the
-paper: everything starts at 0.5 with sigma 1/6 on [0, 1] ranges).
-"""
+"""The parameter space (PS): one merge method; its parameters evolve per model (or globally) per layer group."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from evomerge.dims import Dim, DimVector, SpaceError
 from evomerge.groups import Granularity, group_names
+from evomerge.kinds.ps.config import ParamRange
 
-# methods, recipe and sources import torch, and optuna is slow to import: all are imported where
-# they are used, so `import evomerge.space` (e.g. for SpaceError) stays light.
+# methods imports torch: imported where used, so building the config stays light.
 if TYPE_CHECKING:
-    from optuna.distributions import FloatDistribution
-
+    from evomerge.kinds.ps.recipe import PSRecipe
     from evomerge.methods import MergeMethod
-    from evomerge.recipe import PSRecipe
-    from evomerge.sources import SourceRef
-
-
-class SpaceError(ValueError):
-    """A search space is inconsistent with its method or sources."""
-
-
-@dataclass(frozen=True)
-class Dim:
-    """One evolvable value: parameter `param` of model `model` (None: global) in layer group `group`."""
-
-    key: str
-    param: str
-    model: str | None
-    group: int
-    low: float
-    high: float
-    init: float
-
-    def to_unit(self, v: float) -> float:
-        return (v - self.low) / (self.high - self.low)
-
-    def from_unit(self, u: float) -> float:
-        return self.low + float(np.clip(u, 0.0, 1.0)) * (self.high - self.low)
-
-
-@dataclass(frozen=True)
-class ParamRange:
-    low: float | None = None
-    high: float | None = None
-    init: float | None = None
-
-
-class DimVector:
-    """What every search space offers the samplers, given its `dims`."""
-
-    dims: list[Dim]
-
-    def distributions(self) -> dict[str, FloatDistribution]:
-        from optuna.distributions import FloatDistribution
-
-        return {d.key: FloatDistribution(d.low, d.high) for d in self.dims}
-
-    def init_params(self) -> dict[str, float]:
-        return {d.key: d.init for d in self.dims}
-
-    def to_unit(self, params: dict[str, float]) -> np.ndarray:
-        return np.array([d.to_unit(params[d.key]) for d in self.dims])
-
-    def from_unit(self, x: np.ndarray) -> dict[str, float]:
-        return {d.key: d.from_unit(u) for d, u in zip(self.dims, x)}
+    from evomerge.refs import SourceRef
 
 
 class PSSpace(DimVector):
     """Parameter space: one method; the listed parameters evolve per model (or globally) per group."""
-
-    kind = "ps"
 
     def __init__(self, *, method: str, sources: list[SourceRef], base: SourceRef | None, num_layers: int,
                  granularity: Granularity, parameters: dict[str, ParamRange] | None,
@@ -132,7 +71,7 @@ class PSSpace(DimVector):
         return dims
 
     def decode(self, params: dict[str, float]) -> PSRecipe:
-        from evomerge.recipe import PSRecipe
+        from evomerge.kinds.ps.recipe import PSRecipe
 
         names = [s.name for s in self.sources]
         n = len(self.groups)

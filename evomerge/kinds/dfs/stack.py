@@ -8,7 +8,7 @@ the source's own objects, with the hop's `layer_idx` (so a layer used twice gets
 slots) and a forward pre-hook that multiplies the layer's input by the hop's scale.
 
 `materialize_copy` builds the same path with independent tensors (the test oracle);
-`evomerge.stack_export` writes a plain checkpoint with the scales folded into the weights.
+`evomerge.kinds.dfs.fold` writes a plain checkpoint with the scales folded into the weights.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from evomerge.dfs import DFSRecipe
+from evomerge.kinds.dfs.recipe import DFSRecipe
 
 # Config fields that hold one entry per decoder layer; a stacked config lists them per hop.
 PER_LAYER_FIELDS = ("layer_types", "mlp_layer_types")

@@ -14,7 +14,6 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from evomerge import _callable_module
 from evomerge.study import StudyRecord
 
 PARAM_PREFIX = "param:"
@@ -127,6 +126,3 @@ def format_table(df: pd.DataFrame) -> str:
     with pd.option_context("display.max_columns", None, "display.width", 10_000,
                            "display.max_colwidth", 60, "display.max_rows", None):
         return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-")
-
-
-_callable_module(__name__, "trials_table")

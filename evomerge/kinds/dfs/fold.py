@@ -32,13 +32,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from evomerge.dfs import DFSRecipe
-from evomerge.stack import StackedModelBuilder, StackError, check_sources, decoder
+from evomerge.kinds.dfs.recipe import DFSRecipe
+from evomerge.kinds.dfs.stack import StackedModelBuilder, StackError, check_sources, decoder
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +161,3 @@ def _fill_meta_buffers(model: PreTrainedModel, a: PreTrainedModel) -> None:
                     raise StackError(f"decoder-layer buffer {full!r} is not in the state dict; this "
                                      "architecture is not supported for export")
                 module.register_buffer(bname, a.get_buffer(full).detach().clone(), persistent=False)
-
-
-def save_standard_checkpoint(models: dict[str, PreTrainedModel], recipe: DFSRecipe, tokenizer,
-                             out_dir: str | Path) -> Path:
-    """Write a checkpoint `AutoModelForCausalLM.from_pretrained(out_dir)` loads with no custom code."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = plain_model(models, recipe)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out

@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from evomerge.groups import block_word, group_map, layer_index, layer_modules, tensor_kind
-from evomerge.recipe import PSRecipe, RecipeError
+from evomerge.kinds.base import RecipeError
+from evomerge.kinds.ps.recipe import PSRecipe
 from evomerge.sources import SourceRef
 
 # evomerge method -> (mergekit merge_method, options mergekit takes as global parameters)
