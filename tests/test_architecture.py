@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                          "samplers", "storage", "study", "lease", "ledger", "status"]),
     ("kinds", ["kinds"]),
     ("config", ["config"]),
-    ("orchestration", ["workers", "controller", "baselines", "dispatch", "search", "report", "plan", "preflight",
+    ("orchestration", ["output_dir", "workers", "controller", "baselines", "dispatch", "search", "report", "plan", "preflight",
                        "runner", "stages", "rescore", "exporter", "modelcard", "trial_table"]),
     ("interfaces", ["cli", "dashboard", ""]),  # "": the package itself, the public API
 ]

@@ -1,17 +1,14 @@
-"""`evomerge` command line."""
+"""The `evomerge` argument parser: every subcommand, its flags and their help."""
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 from pathlib import Path
 
+from evomerge.cli.commands import (cmd_dashboard, cmd_demo, cmd_export, cmd_merge, cmd_pause, cmd_plan, cmd_resume,
+                                   cmd_run, cmd_status, cmd_toy_build, cmd_trials)
 from evomerge.version import __version__
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_EXPERIMENT = REPO_ROOT / "experiments" / "toy_ps.yaml"
 
 
 def _int_at_least(least: int, what: str):
@@ -71,173 +68,6 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "PS result next to a DFS run); repeatable")
 
 
-def _run_options(args: argparse.Namespace, **extra):
-    from evomerge.runner import RunOptions
-
-    return RunOptions(study=args.study, storage=args.storage, budget=args.budget, minutes=args.minutes,
-                      workers=args.workers, ray_address=args.ray_address,
-                      compare=tuple(args.compare), **extra)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from evomerge.config import load_config
-
-    cfg = load_config(args.experiment)  # before the heavy imports, so a bad file is reported at once
-    from evomerge.runner import run_any
-
-    run_any(cfg, _run_options(args, resume=args.resume))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from evomerge.config import load_config
-    from evomerge.runner import run_experiment
-    from evomerge.toy import toy_world_path
-
-    print(f"toy world: {toy_world_path()}")
-    cfg = load_config(DEMO_EXPERIMENT)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    opts = _run_options(args, runs_dir=out)
-    if opts.storage is None:
-        # A demo always starts from scratch unless it is told which study to continue.
-        from evomerge.study import default_storage
-
-        opts.storage = default_storage(opts.study or cfg.name, out)
-        db = Path(opts.storage.removeprefix("sqlite:///"))
-        if db.exists() and not args.keep:
-            db.unlink()
-    run_experiment(cfg, opts)
-    return 0
-
-
-def _storage_for(study: str | None, storage: str | None) -> str:
-    """--storage, else the default SQLite file of that study under ./runs."""
-    if storage:
-        return storage
-    from evomerge.study import StudyError
-
-    if study is None:
-        raise StudyError("give --storage URL (or a study name whose study lives in ./runs/NAME/study.db)")
-    db = Path("runs") / study / "study.db"
-    if not db.exists():
-        raise StudyError(f"no study {study!r} under ./runs; give --storage URL")
-    return f"sqlite:///{db.resolve()}"
-
-
-def cmd_resume(args: argparse.Namespace) -> int:
-    from evomerge.runner import resume_study
-
-    storage = _storage_for(args.study_name, args.storage)
-    resume_study(args.study_name, storage, _run_options(args, takeover=args.takeover))
-    return 0
-
-
-def cmd_pause(args: argparse.Namespace) -> int:
-    from evomerge.study import load
-
-    rec = load(args.study_name, _storage_for(args.study_name, args.storage))
-    rec.set("desired_state", "paused")
-    print(f"pause requested for {args.study_name!r}: its controller finishes the candidates in flight, "
-          "records them, and exits. Continue later with `evomerge resume`.")
-    return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    import json
-
-    from evomerge.status import discover_storages, list_studies
-
-    storages = [args.storage] if args.storage else discover_storages()
-    if args.study_name and not args.storage:
-        storages = [_storage_for(args.study_name, None)]
-    rows = [r for r in list_studies(storages) if args.study_name in (None, r.study)]
-    if args.json:
-        print(json.dumps([r.as_dict() for r in rows], indent=2))
-    elif not rows:
-        print("no studies found" + ("" if args.storage else " under ./runs; give --storage URL"))
-    for r in rows if not args.json else []:
-        print(r.line() + f"\n  storage: {r.storage}")
-    return 0
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    import json
-
-    from evomerge.config import load_config
-
-    cfg = load_config(args.experiment)
-    from evomerge.plan import format_plan, make_plans
-
-    measured = _measured_seconds(cfg, args.storage)
-    plans = make_plans(cfg, measured_seconds=measured, workers=args.workers, eval_tokens=args.eval_tokens)
-    if args.json:
-        print(json.dumps([p.as_dict() for p in plans], indent=2))
-    else:
-        print("\n".join(format_plan(p) for p in plans))
-    return 2 if any(p.problems for p in plans) else 0
-
-
-def _measured_seconds(cfg, storage: str | None) -> float | None:
-    """Median wall seconds per candidate of the study, when it already has trials."""
-    import statistics
-
-    from evomerge.study import StudyError, load
-
-    url = storage or cfg.storage
-    if url is None:
-        db = Path("runs") / cfg.name / "study.db"
-        url = f"sqlite:///{db.resolve()}" if db.exists() else None
-    if url is None:
-        return None
-    try:
-        trials = load(cfg.name, url).study.get_trials(deepcopy=False)
-    except StudyError:
-        return None
-    secs = [t.duration.total_seconds() for t in trials if t.duration and "generation" in t.user_attrs]
-    return statistics.median(secs) if secs else None
-
-
-def cmd_toy_build(args: argparse.Namespace) -> int:
-    from evomerge.toy import build_toy_world, format_score_table
-
-    from evomerge.toy import toy_cache_path
-
-    out = Path(args.out) if args.out else toy_cache_path()
-    world = build_toy_world(out, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(format_score_table(world.scores))
-    print(f"toy world written to {out}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from evomerge.exporter import export_study
-
-    export_study(args.study_name, _storage_for(args.study_name, args.storage), args.trial, out=args.out,
-                 max_shard_size=args.max_shard_size, device=args.device, force=args.force,
-                 rescore=not args.no_rescore, verify=not args.no_verify)
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from evomerge.exporter import merge_recipe
-
-    merge_recipe(args.recipe, args.out, device=args.device, max_shard_size=args.max_shard_size,
-                 verify=not args.no_verify, force=args.force)
-    return 0
-
-
-def cmd_trials(args: argparse.Namespace) -> int:
-    from evomerge.trial_table import format_table, trials_table, write_table
-
-    df = trials_table(args.study_name, _storage_for(args.study_name, args.storage))
-    if args.out:
-        print(f"{len(df)} trials written to {write_table(df, args.out)}")
-    else:
-        print(format_table(df))
-    return 0
-
-
 def _add_export_parsers(sub) -> None:
     def checkpoint_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="output directory (created; must be empty unless --force)")
@@ -274,20 +104,6 @@ def _add_export_parsers(sub) -> None:
     p.add_argument("--storage", help="storage URL (default: ./runs/STUDY/study.db)")
     p.add_argument("--out", help="write the table to FILE.csv or FILE.parquet instead of printing it")
     p.set_defaults(func=cmd_trials)
-
-
-def cmd_dashboard(args: argparse.Namespace) -> int:
-    from evomerge.dashboard import TOKEN_ENV, DashboardConfig, DashboardError, serve
-
-    config = DashboardConfig(storages=args.storage, host=args.host, port=args.port,
-                             token=args.token or os.environ.get(TOKEN_ENV) or None,
-                             export_root=Path(args.export_root), ray_address=args.ray_address)
-    try:
-        serve(config)
-    except DashboardError as exc:
-        print(f"evomerge: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def _add_dashboard_parser(sub) -> None:
@@ -392,81 +208,3 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parsers(sub)
     _add_dashboard_parser(sub)
     return parser
-
-
-# Errors whose message is for the user (what is wrong, which field, the fix): printed as one
-# `evomerge: error: ...` paragraph, exit 2. Matched by (module, class name) against the modules
-# already imported, so main() imports nothing heavy (torch, lm-eval, Ray) just to catch them: an
-# exception cannot be an instance of a class whose module was never imported.
-USER_ERRORS = (
-    ("evomerge.config", "ConfigError"), ("evomerge.sources", "SourceError"), ("evomerge.study", "StudyError"),
-    ("evomerge.kinds.base", "RecipeError"), ("evomerge.exporter", "ExportError"), ("evomerge.methods", "MergeError"),
-    ("evomerge.trial_table", "TrialsError"), ("evomerge.toy", "ToyWorldError"), ("evomerge.dims", "SpaceError"),
-    ("evomerge.kinds.dfs.stack", "StackError"), ("evomerge.evaluate", "EvaluatorError"),
-    ("evomerge.dashboard.security", "DashboardError"),
-)
-
-# Exit status when stdout is closed early (`evomerge status | head -1`): 128 + SIGPIPE, what the
-# shell reports for any tool that a closed pipe stops (`yes | head -1`), so `set -o pipefail`
-# scripts see the usual status and the output is never claimed to be complete.
-EXIT_STDOUT_CLOSED = 141
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    for module, name in USER_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and isinstance(exc, cls):
-            return True
-    return False
-
-
-def _stdout_is_closed() -> bool:
-    """True when stdout's reader has gone (a BrokenPipeError from a socket is a real error)."""
-    try:
-        import select
-
-        fd = sys.stdout.fileno()
-        if not hasattr(select, "poll"):
-            return True
-        poll = select.poll()
-        poll.register(fd, select.POLLOUT)
-        return any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in poll.poll(0))
-    except (OSError, ValueError, AttributeError):
-        return True
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so the interpreter's last flush does not fail a second time."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    try:
-        code = args.func(args)
-        sys.stdout.flush()  # a closed stdout shows up here, not at interpreter exit
-        return code
-    except BrokenPipeError:
-        if not _stdout_is_closed():
-            raise
-        _silence_stdout()
-        return EXIT_STDOUT_CLOSED
-    except Exception as exc:
-        if not _is_user_error(exc):
-            raise
-        print(f"evomerge: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        # The runner re-raises with the exact resume command once a study exists.
-        print("evomerge: interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m evomerge.cli`."""
+
+import sys
+
+from evomerge.cli import main
+
+sys.exit(main())
