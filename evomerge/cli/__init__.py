@@ -16,7 +16,7 @@ USER_ERRORS = (
     ("evomerge.schema", "ConfigError"), ("evomerge.sources", "SourceError"), ("evomerge.study", "StudyError"),
     ("evomerge.kinds.base", "RecipeError"), ("evomerge.exporter", "ExportError"), ("evomerge.methods", "MergeError"),
     ("evomerge.trial_table", "TrialsError"), ("evomerge.toy", "ToyWorldError"), ("evomerge.dims", "SpaceError"),
-    ("evomerge.kinds.dfs.stack", "StackError"), ("evomerge.evaluate", "EvaluatorError"),
+    ("evomerge.kinds.dfs.stack", "StackError"), ("evomerge.fitness", "FitnessError"),
     ("evomerge.dashboard.security", "DashboardError"),
 )
 
