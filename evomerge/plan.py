@@ -13,12 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from evomerge.config import ExperimentConfig
+from evomerge.method_registry import Memory
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
-# Methods that keep a sorted copy of each task vector (magnitude trimming by threshold look-up).
-SORTED_CACHE = {"ties", "breadcrumbs", "breadcrumbs_ties"}
-RANK_CACHE = {"della", "della_linear"}
 DEFAULT_EVAL_TOKENS = 1024
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "model_configs"
 
@@ -118,22 +116,32 @@ def memory_breakdown(cfg: ExperimentConfig, shapes: dict[str, ModelShape], space
         return {"sources resident (models A and B)": (a.params + bb.params) * b,
                 "eval activations and KV cache": _activations(a, path, cfg, eval_tokens)}
     head = shapes[cfg.base.name] if cfg.base else shapes[cfg.sources[0].name]
+    from evomerge.methods import get_method
     from evomerge.sources import keeps_whole_sources
 
     n = len(cfg.sources)
-    method = cfg.search_space.method
-    if keeps_whole_sources([method], cfg.base is not None):
+    method = get_method(cfg.search_space.method)
+    if keeps_whole_sources([method.name], cfg.base is not None):
         out = {f"source weights ({n})": n * head.params * b, "output model": head.params * b}
     else:
         out = {"base weights": head.params * b, f"task vectors ({n})": n * head.params * b,
                "output model": head.params * b}
-    if method in SORTED_CACHE:
-        out["sorted magnitudes (trimming cache)"] = n * head.params * b
-    if method in RANK_CACHE:
-        out["magnitude ranks (DELLA cache)"] = n * head.params * 4
-    if method in ("linear", "slerp") or b != 4:
-        out["float32 merge scratch (largest tensor)"] = 2 * _largest_tensor(head) * 4
+    out.update(method_memory(method.memory, n, head, b))
     out["eval activations and KV cache"] = _activations(head, head.layers, cfg, eval_tokens)
+    return out
+
+
+def method_memory(memory: Memory, n_models: int, head: ModelShape, dtype_bytes: int) -> dict[str, int]:
+    """What the merge method holds beyond the weights (its registry entry says what): caches of every
+    task vector, and float32 scratch the size of the largest tensor."""
+    out = {}
+    if memory.sorted_magnitudes:
+        out["sorted magnitudes (trimming cache)"] = n_models * head.params * dtype_bytes
+    if memory.magnitude_ranks:
+        out["magnitude ranks (rank cache)"] = n_models * head.params * 4
+    copies = memory.scratch_tensors(n_models, float32=dtype_bytes == 4)
+    if copies:
+        out["float32 merge scratch (largest tensor)"] = copies * _largest_tensor(head) * 4
     return out
 
 
