@@ -11,93 +11,19 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from evomerge.fitness import FitnessConfig
 from evomerge.kinds import KINDS, Kind, SearchSpaceConfig, SpaceContext, kind_of
 from evomerge.refs import SourceRef
 from evomerge.schema import ConfigError, FieldErrors, Strict, dotted
 
 # Only light modules are imported here, so a mistyped field is reported in well under a second:
-# evaluate (lm-eval), sources (torch) and methods (torch) are imported where they are used.
+# sources (torch) and methods (torch) are imported where they are used.
 if TYPE_CHECKING:
     from evomerge.dims import DimVector
-    from evomerge.evaluate import TaskSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class TaskConfig(Strict):
-    task: str
-    test: str | None = None
-    metric: str = "exact_match"
-    weight: float = 1.0
-
-    @field_validator("weight")
-    @classmethod
-    def _weight(cls, v: float) -> float:
-        if not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"{v} is not a usable weight; give a finite number >= 0 (fitness is the sum of "
-                             "weight x metric over the tasks, and is maximized)")
-        return v
-
-
-class RacingConfig(Strict):
-    """Score a generation on growing prefixes of the fitness docs; stop candidates out of the running."""
-
-    rounds: list[float] = [0.25, 0.5, 1.0]
-    confidence: float = 0.95  # CMA-ES: one-sided confidence of the paired bound
-    # CMA-ES: the candidates a round compares against are the `top` best by estimate (a fraction
-    # of the population); None is CMA-ES's own mu (population // 2, the ones that move its mean)
-    top: float | None = None
-    p_threshold: float = 0.1  # TPE / random: Optuna's WilcoxonPruner
-
-    @field_validator("rounds")
-    @classmethod
-    def _rounds(cls, v: list[float]) -> list[float]:
-        if not v or any(not (0 < f <= 1) for f in v) or sorted(v) != v or len(set(v)) != len(v) or v[-1] != 1:
-            raise ValueError(f"{v}: give increasing fractions of the fitness docs in (0, 1] that end at 1, "
-                             "e.g. [0.25, 0.5, 1.0]")
-        return v
-
-    @field_validator("top")
-    @classmethod
-    def _top(cls, v: float | None) -> float | None:
-        if v is not None and not (0 < v <= 1):
-            raise ValueError(f"{v}: give the fraction of the population that must be out-run, in (0, 1]")
-        return v
-
-    @field_validator("confidence", "p_threshold")
-    @classmethod
-    def _probability(cls, v: float) -> float:
-        if not (0 < v < 1):
-            raise ValueError(f"{v} must be a probability strictly between 0 and 1")
-        return v
-
-
-class FitnessConfig(Strict):
-    tasks: list[TaskConfig]
-    racing: RacingConfig | None = None
-    include: list[str] = []
-    limit: int | None = None
-    test_limit: int | None = None
-    num_fewshot: int | None = None
-    seed: int = 1234
-    batch_size: int = Field(64, ge=1)
-
-    @field_validator("tasks")
-    @classmethod
-    def _non_empty(cls, v: list[TaskConfig]) -> list[TaskConfig]:
-        if not v:
-            raise ValueError("list at least one lm-eval task")
-        if all(t.weight == 0 for t in v):
-            raise ValueError("every task's weight is 0, so every candidate's fitness would be 0; give at "
-                             "least one task a weight above 0")
-        return v
-
-    @field_validator("limit", "test_limit")
-    @classmethod
-    def _limit(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"{v} samples; give 1 or more (or remove it to score every sample)")
-        return v
 
 
 class BudgetConfig(Strict):
@@ -127,7 +53,10 @@ def _check_population(v: int | None) -> int | None:
 
 
 class OptimizerConfig(Strict):
-    sampler: Literal["cmaes", "tpe", "random"] = "cmaes"
+    sampler: str = Field("cmaes", description="cmaes, tpe, random, or the import path of an Optuna sampler "
+                                              "class (e.g. optuna.samplers.QMCSampler)")
+    sampler_args: dict[str, Any] = Field({}, description="keyword arguments of the sampler's constructor "
+                                                         "(an Optuna sampler's, tpe's or random's)")
     population: int | None = None
     seed: int = 0
     budget: BudgetConfig = BudgetConfig()
@@ -135,8 +64,15 @@ class OptimizerConfig(Strict):
     check_population = field_validator("population")(_check_population)
 
     @model_validator(mode="after")
-    def _cmaes_population(self) -> "OptimizerConfig":
-        if self.sampler == "cmaes" and self.population is not None and self.population < 2:
+    def _sampler_and_population(self) -> "OptimizerConfig":
+        """The sampler registry checks the name and the arguments (an import path is imported here,
+        the built-in names are not) and says how few candidates a generation may have."""
+        from evomerge.sampler_registry import sampler_problem, sampler_spec
+
+        problem = sampler_problem(self.sampler, self.sampler_args)
+        if problem:
+            raise FieldErrors(((problem[0],), problem[1]))
+        if self.population is not None and self.population < sampler_spec(self.sampler).min_population:
             raise FieldErrors((("population",), _cmaes_population_message(self.population)))
         return self
 
@@ -211,9 +147,11 @@ class ExperimentConfig(Strict):
         for where, space, earlier in spaces:
             errors += [(where + path, msg)
                        for path, msg in kind_of(space).config_errors(space, len(self.sources), names + earlier)]
-        if self.optimizer.sampler == "cmaes":  # optimizer.population: OptimizerConfig checks it
-            errors += [(("stages", i, "population"), _cmaes_population_message(st.population))
-                       for i, st in enumerate(self.stages or []) if st.population is not None and st.population < 2]
+        from evomerge.sampler_registry import sampler_spec  # optimizer.population: OptimizerConfig checks it
+
+        least = sampler_spec(self.optimizer.sampler).min_population
+        errors += [(("stages", i, "population"), _cmaes_population_message(st.population))
+                   for i, st in enumerate(self.stages or []) if st.population is not None and st.population < least]
         if errors:
             raise FieldErrors(*errors)
         return self
@@ -239,13 +177,6 @@ class ExperimentConfig(Strict):
         return out
 
     # -- derived objects -------------------------------------------------------------------
-    def task_specs(self, split: Literal["fitness", "test"] = "fitness") -> list[TaskSpec]:
-        from evomerge.evaluate import TaskSpec
-
-        f = self.fitness
-        if split == "fitness":
-            return [TaskSpec(t.task, t.metric, t.weight, f.limit, f.num_fewshot) for t in f.tasks]
-        return [TaskSpec(t.test, t.metric, t.weight, f.test_limit, f.num_fewshot) for t in f.tasks if t.test]
 
     def ref(self, name: str) -> SourceRef:
         return next(r for r in self.sources + ([self.base] if self.base else []) if r.name == name)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from evomerge.methods import METHODS
 from evomerge.trial_table import candidates, trials_frame
 
 PLOT_FILE = "fitness.png"
@@ -83,14 +84,14 @@ def search_info(rec, cfg, table: pd.DataFrame) -> SearchInfo:
 
 
 def task_columns(cfg) -> list[TaskColumn]:
-    return [TaskColumn(split, t.name, t.metric, t.weight)
-            for split in ("fitness", "test") for t in cfg.task_specs(split)]
+    return [TaskColumn(split, t.task, t.metric, t.weight)
+            for split in ("fitness", "test") for t in cfg.fitness.split_tasks(split)]
 
 
 def score_rows(cfg, rec, trial) -> list[dict]:
     """build_summary's rows (sources, default merge) with the evolved row for the exported trial;
     `objective` is the value the search maximized (weighted sum of the fitness tasks)."""
-    from evomerge.report import build_summary, metric_value
+    from evomerge.report import build_summary, row_scores
 
     name = f"evolved (trial {trial.number})"
     rows = [r for r in build_summary(cfg, rec, pool=None)["rows"] if r["kind"] != "evolved"]
@@ -98,9 +99,7 @@ def score_rows(cfg, rec, trial) -> list[dict]:
     for split, scores in (("fitness", trial.user_attrs.get("scores", {})),
                           ("test", rec.get("test_scores", {}).get(f"test:{name}"))):
         if scores is not None:
-            vals = {t.name: metric_value(scores.get(t.name, {}), t.metric) for t in cfg.task_specs(split)}
-            vals["mean"] = sum(vals.values()) / len(vals) if vals else math.nan
-            row[split] = vals
+            row[split] = row_scores(scores, cfg.fitness.split_tasks(split))
     baselines = rec.baselines()
     for r in rows:
         r["objective"] = baselines.get(r["name"], {}).get("fitness")
@@ -243,6 +242,12 @@ def card_view(recipe: dict) -> dict:
     return kind_of_recipe(recipe).card_view(recipe)
 
 
+def _reference_lines(method: str) -> list[str]:
+    """The merge method's paper (its registry entry), when it is a registered method."""
+    registered = METHODS.get(method)
+    return [f"- reference: {registered.reference}"] if registered is not None and registered.reference else []
+
+
 def render_card(data: CardData) -> str:
     r = card_view(data.recipe)
     title = (f"evomerge merge ({r['method']})" if data.search is None
@@ -255,6 +260,7 @@ def render_card(data: CardData) -> str:
     gran = r.get("granularity", {})
     out += ["", "## Method", "",
             f"- method `{r['method']}`, dtype {r['dtype']}, DARE seed {r.get('dare_seed')}, options {r.get('options')}",
+            *_reference_lines(r["method"]),
             f"- values per layer group ({gran.get('kind')}"
             f"{', attention/MLP split' if gran.get('split_kinds') else ''}): {', '.join(r.get('groups', []))}",
             "- every value is in `recipe.yaml`"]

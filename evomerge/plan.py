@@ -16,7 +16,6 @@ from evomerge.config import ExperimentConfig
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
-# Methods that keep a sorted copy of each task vector (magnitude trimming by threshold look-up).
 DEFAULT_EVAL_TOKENS = 1024
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "model_configs"
 

@@ -42,8 +42,9 @@ def _check_tasks(cfg: ExperimentConfig) -> None:
     """Both splits in one call: lm-eval's built-in task index is built once (about 10 s), not twice."""
     from evomerge.evaluate import TaskError, validate_tasks
 
+    f = cfg.fitness
     try:
-        specs = {s.name: s for s in cfg.task_specs("test") + cfg.task_specs("fitness")}  # a test may reuse a task
-        validate_tasks(list(specs.values()), cfg.fitness.include)
+        tasks = {t.task: t for t in f.split_tasks("test") + f.split_tasks("fitness")}  # a test may reuse a task
+        validate_tasks(list(tasks.values()), f.include, num_fewshot=f.num_fewshot)
     except TaskError as exc:
         raise ConfigError(str(exc)) from None

@@ -24,10 +24,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from evomerge.evaluate import TaskSpec, resolve_metric
-
-Shard = dict[str, list[int]]
-Docs = dict[str, dict[str, dict[int, float]]]  # task -> "metric,filter" -> doc index -> value
+from evomerge.fitness import Docs, Shard, TaskConfig, resolve_metric
 
 
 def round_increments(subset: Shard, fractions: Sequence[float]) -> list[Shard]:
@@ -71,27 +68,27 @@ def docs_count(docs: Docs) -> int:
     return sum(len(next(iter(m.values()))) for m in docs.values() if m)
 
 
-def chosen_values(docs: Docs, tasks: Sequence[TaskSpec]) -> dict[str, dict[int, float]]:
+def chosen_values(docs: Docs, tasks: Sequence[TaskConfig]) -> dict[str, dict[int, float]]:
     """Per task, the chosen metric's value per doc."""
     out = {}
-    for spec in tasks:
-        metrics = docs.get(spec.name) or {}
+    for t in tasks:
+        metrics = docs.get(t.task) or {}
         if metrics:
-            out[spec.name] = {int(d): float(v) for d, v in metrics[resolve_metric(spec.metric, list(metrics))].items()}
+            out[t.task] = {int(d): float(v) for d, v in metrics[resolve_metric(t.metric, list(metrics))].items()}
     return out
 
 
-def estimate(docs: Docs, tasks: Sequence[TaskSpec]) -> float:
+def estimate(docs: Docs, tasks: Sequence[TaskConfig]) -> float:
     """The full-subset fitness estimated from the docs scored: weight x mean of each task's docs."""
     values = chosen_values(docs, tasks)
-    return sum(spec.weight * statistics.fmean(values[spec.name].values()) for spec in tasks if values.get(spec.name))
+    return sum(t.weight * statistics.fmean(values[t.task].values()) for t in tasks if values.get(t.task))
 
 
 @dataclass(frozen=True)
 class PairedRace:
     """Evomerge's rule for CMA-ES (see the module docstring)."""
 
-    tasks: tuple[TaskSpec, ...]
+    tasks: tuple[TaskConfig, ...]
     totals: Mapping[str, int]  # docs per task in the full subset
     mu: int
     confidence: float = 0.95
@@ -113,38 +110,38 @@ class PairedRace:
     def _paired(self, a: dict[str, dict[int, float]], b: dict[str, dict[int, float]]) -> tuple[float, float]:
         """Weighted mean difference a - b on shared docs and its variance (finite population)."""
         mean = var = 0.0
-        for spec in self.tasks:
-            shared = sorted(set(a.get(spec.name, {})) & set(b.get(spec.name, {})))
+        for t in self.tasks:
+            shared = sorted(set(a.get(t.task, {})) & set(b.get(t.task, {})))
             if not shared:
                 continue
-            d = [a[spec.name][i] - b[spec.name][i] for i in shared]
-            n, total = len(d), max(self.totals.get(spec.name, len(d)), len(d))
+            d = [a[t.task][i] - b[t.task][i] for i in shared]
+            n, total = len(d), max(self.totals.get(t.task, len(d)), len(d))
             s2 = statistics.variance(d) if n > 1 else 1.0
             # At least the variance of one disagreement among n docs: identical answers on a few
             # docs must not read as certainty.
             s2 = max(s2, 1.0 / n)
-            mean += spec.weight * statistics.fmean(d)
-            var += spec.weight ** 2 * s2 / n * (1 - n / total)
+            mean += t.weight * statistics.fmean(d)
+            var += t.weight ** 2 * s2 / n * (1 - n / total)
         return mean, var
 
 
 class OptunaPruner:
     """Optuna's WilcoxonPruner for TPE and random search, fed one value per doc."""
 
-    def __init__(self, tasks: Sequence[TaskSpec], subset: Shard, p_threshold: float = 0.1) -> None:
+    def __init__(self, tasks: Sequence[TaskConfig], subset: Shard, p_threshold: float = 0.1) -> None:
         import optuna
 
         self.tasks = tuple(tasks)
         self.pruner = optuna.pruners.WilcoxonPruner(p_threshold=p_threshold)
         # A doc's step is its position in the seeded subset, tasks one after another.
         self.steps: dict[tuple[str, int], int] = {}
-        for spec in self.tasks:
-            for doc in subset.get(spec.name, []):
-                self.steps[(spec.name, int(doc))] = len(self.steps)
+        for t in self.tasks:
+            for doc in subset.get(t.task, []):
+                self.steps[(t.task, int(doc))] = len(self.steps)
 
     def report(self, rec, number: int, docs: Docs) -> None:
         """Intermediate values, one per doc: weight x the chosen metric."""
-        weights = {s.name: s.weight for s in self.tasks}
+        weights = {t.task: t.weight for t in self.tasks}
         for task, values in chosen_values(docs, self.tasks).items():
             for doc, value in values.items():
                 rec.set_trial_intermediate(number, self.steps[(task, doc)], weights[task] * value)
@@ -167,7 +164,7 @@ class Race:
     """The rounds of a study and the rule that decides after each; one round and no rule when
     racing is off."""
 
-    def __init__(self, tasks: Sequence[TaskSpec], increments: Sequence[Shard], rule=None) -> None:
+    def __init__(self, tasks: Sequence[TaskConfig], increments: Sequence[Shard], rule=None) -> None:
         self.tasks, self.increments, self.rule = tuple(tasks), list(increments), rule
 
     def rounds_done(self, docs: Docs) -> int:
@@ -203,7 +200,7 @@ class Race:
 
 def make_race(cfg, sampler, subset: Shard, rounds: Sequence) -> Race:
     """The study's rounds and, when racing, the rule for its sampler."""
-    tasks = cfg.task_specs("fitness")
+    tasks = cfg.fitness.split_tasks("fitness")
     racing = cfg.fitness.racing
     if racing is None:
         return Race(tasks, [subset])

@@ -13,20 +13,14 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from evomerge.config import ConfigError, ExperimentConfig
-from evomerge.evaluate import TaskSpec, resolve_metric
+from evomerge.fitness import TaskConfig, metric_value
 from evomerge.study import StudyRecord
 from evomerge.workers import Job
 
 
-def metric_value(task_scores: dict[str, float], metric: str) -> float:
-    """The task's chosen metric, or NaN when the task was not scored."""
-    if not task_scores:
-        return float("nan")
-    return float(task_scores[resolve_metric(metric, list(task_scores))])
-
-
-def _row_scores(scores: dict, tasks: list[TaskSpec]) -> dict[str, float]:
-    out = {t.name: metric_value(scores.get(t.name, {}), t.metric) for t in tasks}
+def row_scores(scores: dict, tasks: list[TaskConfig]) -> dict[str, float]:
+    """One table row of a split: each task's chosen metric (NaN when not scored) and their mean."""
+    out = {t.task: metric_value(scores.get(t.task, {}), t.metric) for t in tasks}
     vals = list(out.values())
     out["mean"] = sum(vals) / len(vals) if vals else float("nan")
     return out
@@ -55,7 +49,7 @@ def _models(rec: StudyRecord) -> list[tuple[str, str, dict, Job]]:
 
 def build_summary(cfg: ExperimentConfig, rec: StudyRecord, pool) -> dict:
     """Score every compared model on the test split (once, cached in the study) and tabulate."""
-    fit_tasks, test_tasks = cfg.task_specs("fitness"), cfg.task_specs("test")
+    fit_tasks, test_tasks = cfg.fitness.split_tasks("fitness"), cfg.fitness.split_tasks("test")
     models = _models(rec)
     cache = dict(rec.get("test_scores", {}))
     if test_tasks and pool is not None:
@@ -70,9 +64,9 @@ def build_summary(cfg: ExperimentConfig, rec: StudyRecord, pool) -> dict:
         rec.set("test_scores", cache)
     rows = []
     for name, kind, fit_scores, job in models:
-        row = {"name": name, "kind": kind, "fitness": _row_scores(fit_scores, fit_tasks)}
+        row = {"name": name, "kind": kind, "fitness": row_scores(fit_scores, fit_tasks)}
         if job.id in cache:
-            row["test"] = _row_scores(cache[job.id], test_tasks)
+            row["test"] = row_scores(cache[job.id], test_tasks)
         rows.append(row)
     from evomerge.status import docs_summary
 
@@ -82,8 +76,8 @@ def build_summary(cfg: ExperimentConfig, rec: StudyRecord, pool) -> dict:
 def reference_rows(paths, cfg: ExperimentConfig) -> list[dict]:
     """The evolved rows of other runs' summary.json files, to compare this run with (e.g. a DFS
     run with the PS result); checked before the search starts, so a wrong path costs nothing."""
-    want = {t.name for t in cfg.task_specs("fitness")} | {"mean"}
-    want_test = {t.name for t in cfg.task_specs("test")} | {"mean"}
+    want = {t.task for t in cfg.fitness.split_tasks("fitness")} | {"mean"}
+    want_test = {t.task for t in cfg.fitness.split_tasks("test")} | {"mean"}
     rows = []
     for path in map(Path, paths):
         try:

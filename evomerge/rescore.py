@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from evomerge.fitness import resolve_metric
 from evomerge.workers import candidate_seed
 
 SAME_REL_TOL, SAME_ABS_TOL = 1e-6, 1e-9  # float noise (another device, batch order), not a change
@@ -23,7 +24,6 @@ def rescore_export(cfg, trial, checkpoint: Path, dtype: str, device: str,
     and compare with what the study recorded for the trial, task by task."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.evaluate import resolve_metric
     from evomerge.sources import DTYPES
     from evomerge.workers import make_evaluator, resolve_device
 
@@ -41,12 +41,12 @@ def rescore_export(cfg, trial, checkpoint: Path, dtype: str, device: str,
     gc.collect()
     recorded = trial.user_attrs.get("scores") or {}
     tasks = []
-    for spec in cfg.task_specs("fitness"):
-        mine = got.scores.get(spec.name, {})
-        theirs = recorded.get(spec.name, {})
-        key = resolve_metric(spec.metric, list(mine or theirs))
+    for t in cfg.fitness.split_tasks("fitness"):
+        mine = got.scores.get(t.task, {})
+        theirs = recorded.get(t.task, {})
+        key = resolve_metric(t.metric, list(mine or theirs))
         exported, study_value = _num(mine.get(key)), _num(theirs.get(key))
-        tasks.append({"task": spec.name, "metric": key, "weight": spec.weight, "study": study_value,
+        tasks.append({"task": t.task, "metric": key, "weight": t.weight, "study": study_value,
                       "exported": exported, "difference": _diff(exported, study_value),
                       "same": _same(exported, study_value)})
     info = {"fitness": float(got.fitness), "study_fitness": float(trial.value),

@@ -14,6 +14,7 @@ import yaml
 from evomerge.config import ExperimentConfig
 from evomerge.report import build_summary, format_table, reference_rows, write_summary
 from evomerge.sampler import make_sampler, study_sampler
+from evomerge.sampler_registry import sampler_spec
 from evomerge.search import Controller
 from evomerge.stages import run_stages
 from evomerge.exporter import record_source_fingerprints
@@ -75,7 +76,7 @@ def resolve_settings(cfg: ExperimentConfig, opts: RunOptions, stored: dict | Non
     values = {"budget": cfg.optimizer.budget.trials, "minutes": cfg.optimizer.budget.minutes,
               "workers": cfg.resources.workers, **overrides}
     population = cfg.optimizer.population
-    if population is None and cfg.optimizer.sampler != "cmaes":
+    if population is None and not sampler_spec(cfg.optimizer.sampler).population_from_dims:
         population = stored.get("population") or max(values["workers"], 1)
     return Settings(values["budget"], values["minutes"], values["workers"], population, overrides)
 
@@ -241,7 +242,8 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
     existing = load(name, storage) if exists(name, storage) else None
     diff = _check_stored_config(existing, cfg, opts.resume) if existing else None
     settings = resolve_settings(cfg, opts, existing.get("settings") if existing else None, printer)
-    sampler = make_sampler(cfg.optimizer.sampler, space, cfg.optimizer.seed, settings.population, settings.workers)
+    sampler = make_sampler(cfg.optimizer.sampler, space, cfg.optimizer.seed, settings.population, settings.workers,
+                           args=cfg.optimizer.sampler_args)
     if existing:
         _check_sampler_state(existing, sampler)
 

@@ -1,23 +1,31 @@
 """Samplers behind one small interface: propose a generation, learn from its results.
 
+Which sampler a study uses is `optimizer.sampler` (see `evomerge.sampler_registry`): evomerge's
+CMA-ES, Optuna's TPE or random search, or any Optuna sampler class by import path, built with
+`optimizer.sampler_args`.
+
 Every sampler evomerge offers replays: a study killed at any point (SIGKILL included) and
 resumed proposes, trial for trial, what an uninterrupted one would, given the same seed and
-population (with no `population` configured, TPE's and random search's is the first run's worker
+population (with no `population` configured, an Optuna sampler's is the first run's worker
 count, which the study stores, so a later --workers does not change it).
 
 CMA-ES is a thin layer over the `cmaes` library whose state lives in the study and whose every
 random draw derives from (seed, generation) (Optuna's CmaEsSampler draws per-trial seeds from a
 process-local generator and cannot promise that).
 
-TPE and random search are Optuna's own samplers, kept free of process state: generation g is
-drawn whole on a scratch in-memory study that holds only the COMPLETE candidates of generations
-before g (in generation, index order), candidate i by a sampler freshly seeded with
-derived_seed(seed, "generation", g, "index", i), after candidates 0..i-1 of g, which stay RUNNING
-there (TPE's constant liar keeps a batch apart). A proposal thus depends on the seed, the
-population and the finished earlier generations only: not on when the controller was killed, on
-candidates of g that finished before a crash, on trials a crash left behind (RUNNING, or closed
-as FAIL on resume), nor on FAIL candidates (neither sampler learns from a FAIL trial). Each
-proposal reaches the study pre-filled, as CMA-ES's do, when it is dispatched.
+Optuna samplers (TPE, random search, or one named by path) are kept free of process state:
+generation g is drawn whole on a scratch in-memory study that holds only the COMPLETE candidates
+of generations before g (in generation, index order), candidate i by a sampler freshly built
+with seed derived_seed(seed, "generation", g, "index", i) (when its constructor takes a seed),
+after candidates 0..i-1 of g, which stay RUNNING there (TPE's constant liar keeps a batch apart).
+What a sampler keeps in its study's system attributes (QMCSampler's position in its sequence)
+is carried from the scratch study of one generation to the next in the stored sampler state. A
+proposal thus depends on the seed, the population and the finished earlier generations only: not
+on when the controller was killed, on candidates of g that finished before a crash, on trials a
+crash left behind (RUNNING, or closed as FAIL on resume), nor on FAIL candidates (the samplers
+learn from COMPLETE trials only). Each proposal reaches the study pre-filled, as CMA-ES's do, when
+it is dispatched. A sampler that keeps its state in trial system attributes (Optuna's CmaEsSampler,
+NSGAIISampler) starts afresh each generation here: use `cmaes` for CMA-ES.
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ import base64
 import hashlib
 import math
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import optuna
@@ -35,6 +44,7 @@ from cmaes import CMA
 from optuna.trial import TrialState
 
 from evomerge.dims import DimVector
+from evomerge.sampler_registry import SamplerError, constructor_args, sampler_class, sampler_spec
 
 
 def derived_seed(*parts: object) -> int:
@@ -64,7 +74,9 @@ class GenerationSampler(Protocol):
                 missing: list[int]) -> list[Proposal]:
         """Proposals for the generation's indices in `missing` (the others exist in the study)."""
 
-    def update(self, generation: int, state: dict | None, results: list[tuple[Proposal, float | None]]) -> dict: ...
+    def update(self, generation: int, state: dict | None, results: list[tuple[Proposal, float | None]]) -> dict:
+        """The state to store once generation `generation` is complete; called after `propose`
+        of that generation on this object (the controller's order)."""
 
     def state_problem(self, state: dict | None) -> str | None:
         """Why a study's stored sampler state (its `sampler_state`) cannot be continued by this
@@ -129,29 +141,34 @@ class CmaSampler:
 
 
 class OptunaSampler:
-    """TPE or random search through Optuna's own samplers; a 'generation' is a batch of trials.
+    """An Optuna sampler (tpe, random, or a class by import path); a 'generation' is a batch of trials.
 
     Proposals are drawn on a scratch study (see the module docstring), never on the study itself,
     so they come out the same after a resume; the controller creates their trials pre-filled.
     """
 
-    def __init__(self, kind: str, space: DimVector, seed: int, population: int) -> None:
-        if kind not in ("tpe", "random"):
-            raise ValueError(f"unknown Optuna sampler {kind!r}; evomerge offers tpe and random")
-        self.name, self.space, self.seed, self.population = kind, space, seed, population
+    def __init__(self, name: str, space: DimVector, seed: int, population: int,
+                 args: Mapping[str, Any] | None = None) -> None:
+        self.spec = sampler_spec(name)
+        if self.spec.optuna_class is None:
+            raise SamplerError(f"{name!r} is not an Optuna sampler")
+        self.cls = sampler_class(self.spec.optuna_class)
+        self.name, self.space, self.seed, self.population = name, space, seed, population
+        self.args = dict(args or {})
+        self._drawn: dict[int, dict[str, Any]] = {}  # generation -> scratch study attributes after it
 
     def fresh_sampler(self, generation: int, index: int) -> optuna.samplers.BaseSampler:
         """The sampler that draws candidate `index` of `generation`, seeded from those alone."""
         seed = derived_seed(self.seed, "generation", generation, "index", index)
-        if self.name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-        return optuna.samplers.RandomSampler(seed=seed)
+        return self.cls(**constructor_args(self.spec, self.args, seed))
 
     def propose(self, generation: int, state: dict | None, study: optuna.Study,
                 missing: list[int]) -> list[Proposal]:
         """The whole generation is drawn (so it is the same after a resume), then filtered."""
         storage = optuna.storages.InMemoryStorage()  # not create_study: that logs every generation
-        storage.create_new_study([study.direction], "proposals")
+        scratch_id = storage.create_new_study([study.direction], "proposals")
+        for key, value in (state or {}).get("study_attrs", {}).items():
+            storage.set_study_system_attr(scratch_id, key, value)
         scratch = optuna.load_study(study_name="proposals", storage=storage)
         earlier = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                           if t.user_attrs.get("generation", generation) < generation),
@@ -160,18 +177,23 @@ class OptunaSampler:
                                                       value=t.value) for t in earlier])
         dists = self.space.distributions()
         wanted, proposals = set(missing), []
-        for i in range(max(wanted, default=-1) + 1):  # later indices cannot change earlier ones
+        for i in range(self.population):
             scratch.sampler = self.fresh_sampler(generation, i)
             params = dict(scratch.ask(dists).params)
             if i in wanted:
                 proposals.append(Proposal(i, params))
+        self._drawn[generation] = dict(storage.get_study_system_attrs(scratch_id))
         return proposals
 
     def update(self, generation: int, state: dict | None, results: list[tuple[Proposal, float | None]]) -> dict:
-        return {"generation": generation + 1, "sampler": self.name}
+        if generation not in self._drawn:
+            raise RuntimeError(f"generation {generation} is updated before it was proposed")
+        attrs = self._drawn.pop(generation)
+        return {"generation": generation + 1, "sampler": self.name, **({"study_attrs": attrs} if attrs else {})}
 
     def state_problem(self, state: dict | None) -> str | None:
-        """These samplers keep nothing but a generation count; a state another sampler wrote does not fit."""
+        """These samplers keep a generation count (and their scratch study's attributes); a state
+        another sampler wrote does not fit."""
         if not state:
             return None
         if "cma" in state:
@@ -182,10 +204,14 @@ class OptunaSampler:
         return None
 
 
-def make_sampler(kind: str, space: DimVector, seed: int, population: int | None, workers: int) -> GenerationSampler:
-    if kind == "cmaes":
+def make_sampler(name: str, space: DimVector, seed: int, population: int | None, workers: int,
+                 args: Mapping[str, Any] | None = None) -> GenerationSampler:
+    """The sampler `optimizer.sampler` names, built with `optimizer.sampler_args` (`args`)."""
+    if sampler_spec(name).optuna_class is None:
+        if args:
+            raise SamplerError(f"the {name} sampler takes no arguments; remove sampler_args")
         return CmaSampler(space, seed, population)
-    return OptunaSampler(kind, space, seed, population or max(workers, 1))
+    return OptunaSampler(name, space, seed, population or max(workers, 1), args)
 
 
 def study_sampler(sampler: GenerationSampler) -> optuna.samplers.BaseSampler:

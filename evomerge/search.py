@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.config import ExperimentConfig
-from evomerge.evaluate import combine_docs, fitness_of
+from evomerge.fitness import combine_docs, fitness_of
 from evomerge.faults import crash_point
 from evomerge.progress import Progress
 from evomerge.racing import (combine_parts, deal, docs_count, estimate, make_race, merge_docs, normalized,
@@ -67,7 +67,7 @@ class Controller:
         self.guard = guard  # raises once another controller holds the study: checked before each write
         self.budget, self.deadline = budget, (time.time() + 60 * minutes) if minutes else None
         self.printer = printer
-        self.tasks = cfg.task_specs("fitness")
+        self.tasks = cfg.fitness.split_tasks("fitness")
         self.progress = Progress(budget, printer)
         n = shards_per_candidate(cfg, getattr(pool, "size", 1))
         subset = pool.shards(1)[0]  # the seeded fitness docs, in their seeded order

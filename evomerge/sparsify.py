@@ -26,7 +26,7 @@ Known, accepted differences from mergekit:
   (the first ones); the count kept is the same as mergekit's, but its argsort may pick other tied
   entries (this only happens with repeated values, common in bfloat16).
 - Random masks come from the generator above, not the global torch RNG.
-- DARE/DELLA rescaling matches L1 norms computed as float64 sums in a fixed order (per 65536-entry
+- DARE/DELLA rescaling matches L1 norms computed as float64 sums in a fixed order (per L1_BLOCK-entry
   block, 8 interleaved lanes, blocks added exactly), rounded to float32, so they do not depend on
   the thread count; mergekit sums in the tensor's dtype.
 - DELLA on a single-column tensor uses the plain density (mergekit divides 0 by 0 there).
@@ -37,8 +37,9 @@ from __future__ import annotations
 import hashlib
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -46,7 +47,9 @@ import torch
 RESCALE_EPS = 1e-7  # mergekit.sparsify.rescaled_masked_tensor: below it no rescaling happens
 SLERP_NORM_EPS = 1e-8  # mergekit slerp: a vector with a smaller norm is not normalized
 SLERP_CHUNK = 1 << 20  # mergekit slerp reduces norms and dots in chunks of this many entries
-L1_BLOCK = 1 << 16  # block of the deterministic L1 sum (evomerge.kernels.L1_BLOCK)
+# Block of the deterministic L1 sum (see l1_blocks). The one definition: evomerge.kernels splits
+# tensors on this grid and compiles its C code with it (-DEM_L1_BLOCK), so both sum alike.
+L1_BLOCK = 1 << 16
 _MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B
 _M32 = 0xFFFFFFFF
 
@@ -342,34 +345,6 @@ def keep_tensor(mask: Mask, delta: torch.Tensor, rank_norm: torch.Tensor | None 
     # (Without either bound every entry is kept: a boundary value can only have more ties than the
     # range takes when the range lies inside one run of ties, and then a bound is set.)
     return keep
-
-
-# -- the boolean-mask API (torch) ------------------------------------------------------------
-
-def rank_range_keep(delta: torch.Tensor, sorted_abs: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Keep the entries of ranks [lo, hi) in ascending |delta| order (see RangeMask)."""
-    return keep_tensor(range_mask(delta, sorted_abs, lo, hi), delta)
-
-
-def magnitude_keep(delta: torch.Tensor, sorted_abs: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trimming: keep the max(1, int(density * numel)) largest |delta|."""
-    return keep_tensor(magnitude_mask(delta, sorted_abs, density), delta)
-
-
-def outlier_keep(delta: torch.Tensor, sorted_abs: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs: drop the int(gamma * numel) largest |delta|, keep the next int(density * numel)."""
-    return keep_tensor(outlier_mask(delta, sorted_abs, density, gamma), delta)
-
-
-def random_keep(delta: torch.Tensor, density: float, seed: int) -> torch.Tensor:
-    """DARE: keep each entry with probability `density` (see the module docstring)."""
-    return keep_tensor(RandomMask(seed, keep_threshold(density)), delta)
-
-
-def della_keep(delta: torch.Tensor, rank_norm: torch.Tensor, density: float, epsilon: float,
-               seed: int) -> torch.Tensor:
-    """DELLA: keep probability rises linearly with the row rank of |delta|, density +- epsilon."""
-    return keep_tensor(DellaMask(seed, density, epsilon), delta, rank_norm)
 
 
 def rescale_factor(before: float, after: float) -> float | None:

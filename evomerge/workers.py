@@ -112,11 +112,11 @@ class CandidateWorker:
 
 
 def make_evaluator(cfg, split: str):
-    """The evaluator of one split, as every worker (and the export's re-score) builds it."""
-    from evomerge.evaluate import Evaluator
+    """The evaluator of one split, as every worker (and the export's re-score) builds it: by the
+    experiment's fitness backend."""
+    from evomerge.fitness import make_evaluator as backend_evaluator
 
-    return Evaluator(cfg.task_specs(split), include_paths=cfg.fitness.include, include_label="fitness.include",
-                     seed=cfg.fitness.seed, batch_size=cfg.fitness.batch_size)
+    return backend_evaluator(cfg.fitness, split)
 
 
 def candidate_seed(cfg, generation: int, index: int) -> int:

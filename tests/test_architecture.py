@@ -19,7 +19,8 @@ MAX_LINES = 400
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["version", "schema", "refs", "dims", "faults", "progress", "groups", "kernels", "sparsify",
               "lm_eval_compat", "toy"]),
-    ("building blocks", ["method_registry", "methods", "sources", "evaluate", "fitness", "racing", "sampler",
+    ("building blocks", ["method_registry", "merge_ops", "task_vectors", "methods", "sources", "evaluate",
+                         "fitness", "racing", "sampler_registry", "sampler",
                          "samplers", "storage", "study", "lease", "ledger", "status"]),
     ("kinds", ["kinds"]),
     ("config", ["config"]),

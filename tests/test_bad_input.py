@@ -6,9 +6,9 @@ the bottom of this file:
 - `run_cli(args, cwd=None)` -> CompletedProcess (offline Hugging Face env, text, captured output;
   cwd defaults to an empty scratch directory, so a case that wrongly succeeds writes no ./runs here);
 - `assert_bad_input(res, *needles)`: exit 2, no traceback, every needle in stdout + stderr;
-- `toy_experiment_dict(name, **overrides)` / `write_experiment(dir, name, mutate=None, **overrides)`:
-  a tiny toy experiment (no test split, fitness limit 8, in-process workers) as a dict / a YAML
-  file; `set_field("fitness.tasks[0].weight", v)` is a ready-made `mutate`;
+- `write_experiment(dir, name, mutate=None, **overrides)`: a tiny toy experiment (tests.helpers'
+  `toy_experiment` with no test split, fitness limit 8, in-process workers) as a YAML file;
+  `set_field("fitness.tasks[0].weight", v)` is a ready-made `mutate`;
 - `study_snapshot(storage, study)`: everything a bad command must not change (trials with their
   states, values, params, user and system attrs; the study's user and system attrs);
 - the module-scoped fixture `existing_study` (an `ExistingStudy`): a finished 2-trial study, run
@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import toy_experiment
+
 CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 CLI_ENV.pop("EVOMERGE_CRASH_AT", None)
 SCRATCH = Path(tempfile.mkdtemp(prefix="evomerge-bad-input-"))
@@ -58,28 +59,11 @@ def assert_bad_input(res: subprocess.CompletedProcess, *needles: str) -> str:
     return out
 
 
-def toy_experiment_dict(name: str, **overrides) -> dict:
-    """A tiny toy PS experiment: 2 sources, one weight each, population 2, budget 2, limit 8."""
-    cfg = {
-        "name": name,
-        "base": {"name": "base", "path": "toy:base"},
-        "sources": [{"name": "expert_add", "path": "toy:expert_add"},
-                    {"name": "expert_cipher", "path": "toy:expert_cipher"}],
-        "search_space": {"kind": "ps", "method": "task_arithmetic", "granularity": {"kind": "model"},
-                         "parameters": {"weight": {"low": 0.0, "high": 2.0, "init": 1.0}}, "sigma": 0.2},
-        "fitness": {"include": [str(REPO_ROOT / "evaluators" / "toy")], "limit": 8,
-                    "tasks": [{"task": "toy_add", "weight": 0.5}, {"task": "toy_cipher", "weight": 0.5}]},
-        "optimizer": {"sampler": "cmaes", "seed": 3, "population": 2, "budget": {"trials": 2}},
-        "resources": {"workers": 0, "cpus_per_worker": 1},
-    }
-    cfg.update(copy.deepcopy(overrides))
-    return cfg
-
-
 def write_experiment(directory: Path, name: str, mutate=None, *, file_name: str | None = None,
                      **overrides) -> Path:
-    """`toy_experiment_dict(name, **overrides)`, changed in place by `mutate(cfg)`, as DIR/NAME.yaml."""
-    cfg = toy_experiment_dict(name, **overrides)
+    """The small toy experiment (`toy_experiment` with no test split, fitness limit 8, CMA-ES 2 x 2
+    trials, in-process workers), with `overrides`, changed in place by `mutate(cfg)`, as DIR/NAME.yaml."""
+    cfg = toy_experiment(name, limit=8, test_split=False, population=2, trials=2, workers=0, **overrides)
     if mutate is not None:
         mutate(cfg)
     path = Path(directory) / (file_name or f"{name}.yaml")
@@ -213,23 +197,23 @@ def test_space_error_from_the_models_depth_is_an_error_message(tmp_path):
 # -- optimizer.population and fitness weights --------------------------------------------------
 
 @pytest.mark.parametrize("population", [1, 0])
-def test_cmaes_population_below_two(tmp_path, population):
+def test_cmaes_population_below_two_is_refused(tmp_path, population):
     exp = write_experiment(tmp_path, "pop", set_field("optimizer.population", population))
     assert_bad_input(run_cli(["run", exp], cwd=tmp_path), "optimizer.population", "2 or more")
 
 
 @pytest.mark.parametrize("weight", [float("nan"), -0.5])
-def test_unusable_fitness_weight(tmp_path, weight):
+def test_nan_or_negative_fitness_weight_is_refused(tmp_path, weight):
     exp = write_experiment(tmp_path, "weights", set_field("fitness.tasks[1].weight", weight))
     assert_bad_input(run_cli(["run", exp], cwd=tmp_path), "fitness.tasks[1].weight", "finite number >= 0")
 
 
-def test_all_fitness_weights_zero(tmp_path):
+def test_all_fitness_weights_zero_is_refused(tmp_path):
     exp = write_experiment(tmp_path, "weights", lambda c: [t.update(weight=0) for t in c["fitness"]["tasks"]])
     assert_bad_input(run_cli(["run", exp], cwd=tmp_path), "fitness.tasks", "weight above 0")
 
 
-def test_nonsense_numbers_in_the_file(tmp_path):
+def test_nonpositive_budget_workers_and_limit_are_each_named(tmp_path):
     def mutate(cfg):
         cfg["optimizer"]["budget"] = {"trials": 0, "minutes": -1}
         cfg["resources"]["workers"] = -1
@@ -252,13 +236,13 @@ def test_run_flags_are_checked_by_argparse(tmp_path, flags, needle):
     assert "give" in out.split(f"argument {needle}:")[1]  # ... and says what to give
 
 
-def test_plan_workers_flag(tmp_path):
+def test_plan_refuses_negative_workers(tmp_path):
     exp = write_experiment(tmp_path, "flags")
     assert_bad_input(run_cli(["plan", exp, "--workers", "-1"], cwd=tmp_path), "argument --workers:", "0 or more")
 
 
 @pytest.mark.parametrize("port", ["99999", "-1"])
-def test_dashboard_port_out_of_range(tmp_path, port):
+def test_dashboard_port_out_of_range_is_refused(tmp_path, port):
     assert_bad_input(run_cli(["dashboard", "--port", port], cwd=tmp_path), "argument --port:", "0-65535")
 
 
@@ -271,7 +255,7 @@ def test_dashboard_api_refuses_a_bad_port():
 
 
 @pytest.mark.parametrize("command", ["run", "plan"])
-def test_experiment_path_is_a_directory(tmp_path, command):
+def test_a_directory_given_as_experiment_names_the_yaml_inside(tmp_path, command):
     write_experiment(tmp_path, "inside")
     assert_bad_input(run_cli([command, tmp_path], cwd=tmp_path), "is a directory", "inside.yaml")
 
@@ -326,7 +310,7 @@ def test_plan_of_a_bad_config_with_the_study_storage(existing_study, tmp_path):
 
 # -- a closed stdout (`evomerge status | head -1`) ---------------------------------------------
 
-def test_closed_stdout_is_quiet(existing_study):
+def test_closed_stdout_exits_141_without_a_traceback(existing_study):
     """stdout is a pipe whose reader is gone: no BrokenPipeError, exit 141 (128 + SIGPIPE)."""
     read_end, write_end = os.pipe()
     os.close(read_end)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from evomerge.config import REPO_ROOT, config_from_dict
+from evomerge.config import config_from_dict
 from evomerge.study import load
+from tests.helpers import tiny_experiment
 
 RAY = Path(sys.executable).with_name("ray")
 
@@ -47,17 +48,7 @@ def test_study_runs_on_a_local_ray_cluster(tiny_world, tmp_path, ray_cluster):
     import yaml
 
     exp = tmp_path / "cluster.yaml"
-    exp.write_text(yaml.safe_dump({
-        "name": "cluster",
-        "base": {"name": "base", "path": str(tiny_world["base"])},
-        "sources": [{"name": "a", "path": str(tiny_world["a"])}, {"name": "b", "path": str(tiny_world["b"])}],
-        "search_space": {"kind": "ps", "method": "task_arithmetic",
-                         "parameters": {"weight": {"low": 0.0, "high": 2.0, "init": 1.0}}},
-        "fitness": {"include": [str(REPO_ROOT / "tests" / "data" / "tiny_tasks")], "limit": 8,
-                    "tasks": [{"task": "tiny_add"}]},
-        "optimizer": {"sampler": "cmaes", "population": 4, "budget": {"trials": 4}},
-        "resources": {"workers": 2, "cpus_per_worker": 1},
-    }))
+    exp.write_text(yaml.safe_dump(tiny_experiment(tiny_world, "cluster")))
     config_from_dict(yaml.safe_load(exp.read_text()))
     storage = f"sqlite:///{tmp_path / 'cluster.db'}"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_AUTH_MODE": "disabled"}

@@ -13,7 +13,7 @@ def test_toy_demo_experiment_is_valid():
     assert cfg.search_space.method == "task_arithmetic"
     space = cfg.space(4)
     assert len(space.dims) == 2 * 6  # weight per expert per group (embed, 4 layers, head)
-    assert [t.name for t in cfg.task_specs("test")] == ["toy_add_test", "toy_cipher_test"]
+    assert [t.task for t in cfg.fitness.split_tasks("test")] == ["toy_add_test", "toy_cipher_test"]
 
 
 def test_paper_setup_loads_without_downloading():
@@ -47,6 +47,35 @@ def test_bad_experiment_names_the_field(mutate, message):
     mutate(raw)
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw, base_dir=REPO_ROOT / "experiments")
+
+
+def test_fitness_splits_and_backend():
+    raw = _base()
+    raw["fitness"].update(limit=20, test_limit=50)
+    raw["fitness"]["tasks"][1].pop("test")
+    f = config_from_dict(raw, base_dir=REPO_ROOT / "experiments").fitness
+    assert f.backend == "lm-eval"
+    assert [(t.task, t.weight) for t in f.split_tasks("fitness")] == [("toy_add", 0.5), ("toy_cipher", 0.5)]
+    test = f.split_tasks("test")  # only the tasks that name a test, scored with their metric and weight
+    assert [(t.task, t.test, t.metric, t.weight) for t in test] == [("toy_add_test", None, "exact_match", 0.5)]
+    assert f.tasks[0].task == "toy_add"  # copies: the fitness tasks are unchanged
+    assert (f.split_limit("fitness"), f.split_limit("test")) == (20, 50)
+    raw["fitness"]["backend"] = "lm_eval"
+    with pytest.raises(ConfigError, match=r"fitness.backend: unknown fitness backend 'lm_eval'; use one of lm-eval"):
+        config_from_dict(raw, base_dir=REPO_ROOT / "experiments")
+
+
+def test_a_fitness_backend_is_registered_as_module_and_function(monkeypatch):
+    import evomerge.fitness as fitness
+
+    monkeypatch.setattr(fitness, "_BACKENDS", dict(fitness._BACKENDS))
+    with pytest.raises(ValueError, match="'module:function'"):
+        fitness.register_backend("vllm", "evomerge.vllm_eval")
+    fitness.register_backend("vllm", "evomerge.vllm_eval:vllm_evaluator")
+    assert fitness.backend_names() == ["lm-eval", "vllm"]
+    raw = _base()
+    raw["fitness"]["backend"] = "vllm"
+    assert config_from_dict(raw, base_dir=REPO_ROOT / "experiments").fitness.backend == "vllm"
 
 
 def test_missing_and_malformed_files(tmp_path):

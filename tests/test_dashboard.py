@@ -486,7 +486,7 @@ def test_access_token_guards_every_path(storage, tmp_path):
     assert call(app, "GET", "/api/studies", headers={"Authorization": f"Bearer {token}"}).status == 200
 
 
-def test_real_server_over_http(app):
+def test_real_server_serves_pages_and_api_over_http(app):
     server, url = serve_in_thread(app)
     try:
         with urllib.request.urlopen(url) as r:

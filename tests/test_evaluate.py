@@ -26,13 +26,17 @@ import torch  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from evomerge import evaluate as evaluate_module  # noqa: E402
-from evomerge.evaluate import (  # noqa: E402
-    EvalResult,
-    Evaluator,
-    EvaluatorError,
-    TaskSpec,
+import evomerge.evaluate as evaluate_module  # noqa: E402
+from evomerge.evaluate import Evaluator, EvaluatorError, TaskError, validate_tasks  # noqa: E402
+from evomerge.fitness import (  # noqa: E402
+    FitnessConfig,
+    FitnessError,
+    TaskConfig,
+    combine_docs,
+    doc_mean,
     fitness_of,
+    make_evaluator,
+    metric_value,
     resolve_metric,
 )
 from evomerge.toy.tokenizer import build_tokenizer  # noqa: E402
@@ -100,8 +104,8 @@ def known_tasks(model, tok, tmp_path_factory):
 
 
 def test_scores_in_range_repeatable_and_weighted(model, tok):
-    specs = [TaskSpec("tiny_add", limit=12, num_fewshot=2), TaskSpec("tiny_copy", weight=0.5)]
-    ev = Evaluator(specs, include_paths=[TASKS], include_defaults=False)
+    specs = [TaskConfig(task="tiny_add"), TaskConfig(task="tiny_copy", weight=0.5)]
+    ev = Evaluator(specs, include_paths=[TASKS], include_defaults=False, limit=12, num_fewshot=2)
     first = ev.evaluate(model, tok)
     assert set(first.scores) == {"tiny_add", "tiny_copy"}
     for metrics in first.scores.values():
@@ -115,7 +119,7 @@ def test_scores_in_range_repeatable_and_weighted(model, tok):
 
 def test_scoring_is_real_and_follows_in_place_weight_changes(model, tok, known_tasks):
     root, expected = known_tasks
-    ev = Evaluator([TaskSpec("tiny_add")], include_paths=[root], include_defaults=False)
+    ev = Evaluator([TaskConfig(task="tiny_add")], include_paths=[root], include_defaults=False)
     result = ev.evaluate(model, tok)
     assert result.scores["tiny_add"]["exact_match,none"] == sum(expected) / len(expected)
     assert 0.3 < result.fitness < 0.7
@@ -130,7 +134,7 @@ def test_scoring_is_real_and_follows_in_place_weight_changes(model, tok, known_t
         assert changed.fitness != result.fitness
         # requests, docs, targets and tokenized prompts are reused across candidates: the answer
         # must still be what a fresh evaluator says of this model
-        fresh = Evaluator([TaskSpec("tiny_add")], include_paths=[root], include_defaults=False)
+        fresh = Evaluator([TaskConfig(task="tiny_add")], include_paths=[root], include_defaults=False)
         assert fresh.evaluate(model, tok).scores == changed.scores
         for name, p in model.named_parameters():
             p.copy_(saved[name])
@@ -143,8 +147,8 @@ def test_scoring_is_real_and_follows_in_place_weight_changes(model, tok, known_t
 
 def test_seeded_subset(tok):
     def subset(seed, limit=10):
-        specs = [TaskSpec("tiny_add", limit=limit), TaskSpec("tiny_copy", limit=10)]
-        return Evaluator(specs, include_paths=[TASKS], seed=seed, include_defaults=False).subset
+        specs = [TaskConfig(task="tiny_add"), TaskConfig(task="tiny_copy")]
+        return Evaluator(specs, include_paths=[TASKS], seed=seed, include_defaults=False, limit=limit).subset
 
     a, b, c = subset(1), subset(1), subset(2)
     assert a == b and a != c
@@ -157,8 +161,8 @@ def test_seeded_subset(tok):
 
 def test_shards_combine_to_the_unsharded_result(model, tok, known_tasks):
     root, _ = known_tasks
-    specs = [TaskSpec("tiny_add", limit=30), TaskSpec("tiny_copy", limit=7, weight=2.0)]
-    ev = Evaluator(specs, include_paths=[root], include_defaults=False, batch_size=8)
+    specs = [TaskConfig(task="tiny_add"), TaskConfig(task="tiny_copy", weight=2.0)]
+    ev = Evaluator(specs, include_paths=[root], include_defaults=False, batch_size=8, limit=23)
     whole = ev.evaluate(model, tok)
     shards = ev.shards(4)
     assert len(shards) == 4
@@ -166,14 +170,15 @@ def test_shards_combine_to_the_unsharded_result(model, tok, known_tasks):
     assert sorted(pairs) == sorted((t, i) for t, idx in ev.subset.items() for i in idx)
     parts = [ev.evaluate(model, tok, shard=s) for s in shards]
     assert all(math.isnan(p.fitness) and p.docs for p in parts)
-    combined = ev.combine(parts)
-    assert combined.scores == whole.scores and combined.fitness == whole.fitness
-    assert 0 < combined.scores["tiny_add"]["exact_match,none"] < 1
-    assert len(ev.shards(10_000)) == 37  # never an empty shard
-    with pytest.raises(EvaluatorError, match="hold"):
-        ev.combine(parts[:-1])
-    with pytest.raises(EvaluatorError, match="overlap"):
-        ev.combine(parts + parts[:1])
+    combined = combine_docs([p.docs for p in parts])
+    assert combined == whole.scores  # bit for bit: lm-eval's mean, in doc order
+    assert fitness_of(combined, specs) == whole.fitness
+    assert 0 < combined["tiny_add"]["exact_match,none"] < 1
+    json_docs = [json.loads(json.dumps(p.docs)) for p in parts]  # as stored in the study: str doc ids
+    assert combine_docs(json_docs) == whole.scores
+    assert len(ev.shards(10_000)) == 46  # never an empty shard
+    with pytest.raises(FitnessError, match="overlap"):
+        combine_docs([p.docs for p in parts + parts[:1]])
     with pytest.raises(EvaluatorError, match="outside the subset"):
         outside = next(i for i in range(40) if i not in ev.subset["tiny_copy"])
         ev.evaluate(model, tok, shard={"tiny_copy": [outside]})
@@ -184,9 +189,21 @@ def test_shards_combine_to_the_unsharded_result(model, tok, known_tasks):
         ev.shards(2)
 
 
+def test_the_lm_eval_backend_builds_each_split_from_the_fitness_config():
+    fitness = FitnessConfig(tasks=[TaskConfig(task="tiny_add", test="tiny_copy", weight=0.5),
+                                   TaskConfig(task="tiny_copy")],
+                            include=[str(TASKS)], limit=6, test_limit=4, num_fewshot=2, seed=9)
+    fit, test = make_evaluator(fitness, "fitness"), make_evaluator(fitness, "test")
+    assert isinstance(fit, Evaluator) and isinstance(test, Evaluator)
+    assert {t: len(v) for t, v in fit.subset.items()} == {"tiny_add": 6, "tiny_copy": 6}
+    assert {t: len(v) for t, v in test.subset.items()} == {"tiny_copy": 4}
+    assert [(t.task, t.weight) for t in test.tasks] == [("tiny_copy", 0.5)]
+    assert fit.subset == Evaluator(fitness.tasks, include_paths=[TASKS], seed=9, limit=6).subset
+    assert all(task.get_config("num_fewshot") == 2 for task in fit._tasks.values())
+
+
 def test_fewshot_prompts_do_not_depend_on_shard_or_candidate(model, tok):
-    spec = TaskSpec("tiny_add", num_fewshot=3)
-    ev = Evaluator([spec], include_paths=[TASKS], include_defaults=False)
+    ev = Evaluator([TaskConfig(task="tiny_add")], include_paths=[TASKS], include_defaults=False, num_fewshot=3)
     task = ev._tasks["tiny_add"]
 
     def prompts():
@@ -204,16 +221,16 @@ def test_fewshot_prompts_do_not_depend_on_shard_or_candidate(model, tok):
 
 def test_unknown_task_names_the_fix():
     with pytest.raises(EvaluatorError) as err:
-        Evaluator([TaskSpec("tiny_ad")], include_paths=[TASKS], include_defaults=False)
+        Evaluator([TaskConfig(task="tiny_ad")], include_paths=[TASKS], include_defaults=False)
     message = str(err.value)
     assert "tiny_ad" in message and "include_paths" in message and "tiny_add" in message
     with pytest.raises(EvaluatorError, match="not a directory"):
-        Evaluator([TaskSpec("tiny_add")], include_paths=[TASKS / "nope"])
+        Evaluator([TaskConfig(task="tiny_add")], include_paths=[TASKS / "nope"])
     with pytest.raises(EvaluatorError, match="metric"):
-        Evaluator([TaskSpec("tiny_add", metric="acc")], include_paths=[TASKS],
+        Evaluator([TaskConfig(task="tiny_add", metric="acc")], include_paths=[TASKS],
                   include_defaults=False)
     with pytest.raises(EvaluatorError, match="limit"):
-        Evaluator([TaskSpec("tiny_add", limit=0)], include_paths=[TASKS], include_defaults=False)
+        Evaluator([TaskConfig(task="tiny_add")], include_paths=[TASKS], include_defaults=False, limit=0)
 
 
 def test_builtin_index_only_when_a_task_is_missing(monkeypatch):
@@ -231,15 +248,15 @@ def test_builtin_index_only_when_a_task_is_missing(monkeypatch):
 
     monkeypatch.setattr(evaluate_module, "TaskManager", FakeManager)
     with pytest.raises(EvaluatorError, match="stop here"):
-        Evaluator([TaskSpec("tiny_add")], include_paths=[TASKS])
+        Evaluator([TaskConfig(task="tiny_add")], include_paths=[TASKS])
     assert built == [False]
     built.clear()
     with pytest.raises(EvaluatorError, match="stop here"):
-        Evaluator([TaskSpec("arc_easy")], include_paths=[TASKS])
+        Evaluator([TaskConfig(task="arc_easy")], include_paths=[TASKS])
     assert built == [False, True]
     built.clear()
     with pytest.raises(EvaluatorError, match="built-in tasks"):
-        Evaluator([TaskSpec("arc_eazy")], include_paths=[TASKS])
+        Evaluator([TaskConfig(task="arc_eazy")], include_paths=[TASKS])
 
 
 def test_fitness_of_and_metric_keys():
@@ -247,18 +264,40 @@ def test_fitness_of_and_metric_keys():
         "a": {"exact_match,none": 0.5, "acc,none": 0.25},
         "b": {"exact_match,flexible-extract": 1.0, "exact_match,strict-match": 0.0},
     }
-    specs = [TaskSpec("a", weight=2.0), TaskSpec("b", "exact_match,flexible-extract", 3.0)]
+    specs = [TaskConfig(task="a", weight=2.0), TaskConfig(task="b", metric="exact_match,flexible-extract", weight=3.0)]
     assert fitness_of(scores, specs) == 2.0 * 0.5 + 3.0 * 1.0  # weights are not normalized
-    assert fitness_of(scores, [TaskSpec("a", metric="acc")]) == 0.25
+    assert fitness_of(scores, [TaskConfig(task="a", metric="acc")]) == 0.25
     nan_scores = {**scores, "a": {"exact_match,none": math.nan}}
     assert math.isnan(fitness_of(nan_scores, specs))
-    assert math.isnan(fitness_of(nan_scores, [TaskSpec("a", weight=0.0)]))
-    with pytest.raises(EvaluatorError, match="no scores"):
-        fitness_of(scores, [TaskSpec("c")])
-    with pytest.raises(EvaluatorError, match="ambiguous"):
-        fitness_of(scores, [TaskSpec("b")])  # two filters: name one
+    assert math.isnan(fitness_of(nan_scores, [TaskConfig(task="a", weight=0.0)]))
+    with pytest.raises(FitnessError, match="no scores"):
+        fitness_of(scores, [TaskConfig(task="c")])
+    with pytest.raises(FitnessError, match="ambiguous"):
+        fitness_of(scores, [TaskConfig(task="b")])  # two filters: name one
     assert resolve_metric("exact_match", ["exact_match,strict"]) == "exact_match,strict"
-    assert isinstance(EvalResult({}, math.nan, 0.0).docs, dict)
+    assert math.isnan(metric_value({}, "exact_match"))  # a task that was not scored
+    assert metric_value(scores["b"], "exact_match,strict-match") == 0.0
+
+
+def test_an_lm_eval_outside_the_tested_range_is_refused_by_name(monkeypatch):
+    import importlib.metadata
+
+    import evomerge.lm_eval_compat as compat
+
+    for version in ("0.4.11", "0.5.0"):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=version: v)
+        with pytest.raises(compat.LMEvalVersionError, match=rf"lm-eval {version} is installed.*>=0\.4\.12,<0\.5"):
+            compat._check_version()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.4.13")
+    compat._check_version()  # inside the range: no error
+
+
+def test_doc_mean_is_lm_evals_mean():
+    """combine_docs recombines shards without lm-eval, so its mean must be lm-eval's bit for bit."""
+    rng = random.Random(0)
+    for n in (1, 3, 17, 1000):
+        values = [rng.choice([0.0, 1.0, rng.random()]) for _ in range(n)]
+        assert doc_mean(values) == lm_eval.api.metrics.mean(values)
 
 
 class _RecordingLM(lm_eval.api.model.LM):
@@ -311,8 +350,8 @@ def _evomerge_prompts(monkeypatch, ev, shard=None):
 def test_fewshot_prompts_are_lm_evals_own(monkeypatch, seed, limit):
     """Every prompt is the one lm-eval's own simple_evaluate builds for the same docs (all of
     them, or the seeded subset via samples=) with the same few-shot seed, also in a shard."""
-    ev = Evaluator([TaskSpec("tiny_add", num_fewshot=2, limit=limit)], include_paths=[TASKS],
-                   seed=seed, include_defaults=False)
+    ev = Evaluator([TaskConfig(task="tiny_add")], include_paths=[TASKS], seed=seed, include_defaults=False,
+                   limit=limit, num_fewshot=2)
     subset = ev.subset["tiny_add"]
     ours = _evomerge_prompts(monkeypatch, ev)
     theirs = _lm_eval_prompts(monkeypatch, "tiny_add", seed, 2, None if limit is None else subset)
@@ -335,7 +374,7 @@ def _sampling_tasks(root: Path) -> Path:
 
 
 def test_seed_makes_sampling_tasks_repeatable(model, tok, tmp_path):
-    ev = Evaluator([TaskSpec("tiny_sample")], include_paths=[_sampling_tasks(tmp_path)],
+    ev = Evaluator([TaskConfig(task="tiny_sample")], include_paths=[_sampling_tasks(tmp_path)],
                    include_defaults=False, batch_size=8)
     task = ev._tasks["tiny_sample"]
 
@@ -359,11 +398,9 @@ def test_seed_makes_sampling_tasks_repeatable(model, tok, tmp_path):
 
 
 def test_validate_tasks_names_the_field_and_close_names(monkeypatch):
-    from evomerge.evaluate import TaskError, validate_tasks
-
     assert issubclass(TaskError, ValueError) and issubclass(TaskError, EvaluatorError)
     start = time.perf_counter()
-    assert validate_tasks([TaskSpec("tiny_add", num_fewshot=2), TaskSpec("tiny_copy")], [TASKS]) is None
+    assert validate_tasks([TaskConfig(task="tiny_add"), TaskConfig(task="tiny_copy")], [TASKS], num_fewshot=2) is None
     assert time.perf_counter() - start < 5  # tasks in fitness.include: no built-in index
     built = []
     real = evaluate_module.TaskManager
@@ -374,29 +411,27 @@ def test_validate_tasks_names_the_field_and_close_names(monkeypatch):
 
     monkeypatch.setattr(evaluate_module, "TaskManager", no_builtins)
     with pytest.raises(TaskError) as err:
-        validate_tasks([TaskSpec("tiny_ad")], [TASKS])
+        validate_tasks([TaskConfig(task="tiny_ad")], [TASKS])
     message = str(err.value)
     assert "fitness.include" in message and "include_paths" not in message
     assert "'tiny_ad'" in message and "Close names: tiny_add" in message
     assert built == [False, True]  # it looked among the built-in tasks too
     with pytest.raises(TaskError, match=r"test\.include"):
-        validate_tasks([TaskSpec("zzzz")], [TASKS], field="test")
+        validate_tasks([TaskConfig(task="zzzz")], [TASKS], field="test")
     with pytest.raises(TaskError, match="metric"):
-        validate_tasks([TaskSpec("tiny_add", metric="acc")], [TASKS])
+        validate_tasks([TaskConfig(task="tiny_add", metric="acc")], [TASKS])
     with pytest.raises(TaskError, match="fitness.include: .* not a directory"):
-        validate_tasks([TaskSpec("tiny_add")], [TASKS / "nope"])
+        validate_tasks([TaskConfig(task="tiny_add")], [TASKS / "nope"])
 
 
 def test_validate_tasks_says_a_dataset_is_not_available_offline(tmp_path):
-    from evomerge.evaluate import TaskError, validate_tasks
-
     (tmp_path / "hub_task.yaml").write_text(
         "task: hub_task\ndataset_path: someorg/never_cached\ndataset_name: main\n"
         "output_type: generate_until\ntest_split: test\ndoc_to_text: '{{q}}'\n"
         "doc_to_target: '{{a}}'\nmetric_list:\n  - metric: exact_match\n"
     )
     with pytest.raises(TaskError) as err:
-        validate_tasks([TaskSpec("hub_task")], [tmp_path])
+        validate_tasks([TaskConfig(task="hub_task")], [tmp_path])
     message = str(err.value)
     assert "'hub_task'" in message and "'someorg/never_cached' (config 'main')" in message
     assert "offline" in message and "not in the local Hugging Face datasets cache" in message
@@ -407,9 +442,7 @@ def test_validate_tasks_says_a_dataset_is_not_available_offline(tmp_path):
 @pytest.mark.slow
 def test_validate_tasks_on_builtin_tasks():
     """The real built-in index (~10 s each): a misspelt and an uncached built-in task."""
-    from evomerge.evaluate import TaskError, validate_tasks
-
     with pytest.raises(TaskError, match="Close names: .*arc_easy"):
-        validate_tasks([TaskSpec("arc_eazy", metric="acc")], [TASKS])
+        validate_tasks([TaskConfig(task="arc_eazy", metric="acc")], [TASKS])
     with pytest.raises(TaskError, match="'allenai/ai2_arc'.*offline.*fitness.include.*dataset_path: json"):
-        validate_tasks([TaskSpec("tiny_add"), TaskSpec("arc_easy", metric="acc")], [TASKS])
+        validate_tasks([TaskConfig(task="tiny_add"), TaskConfig(task="arc_easy", metric="acc")], [TASKS])

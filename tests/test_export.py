@@ -119,8 +119,8 @@ def test_exported_checkpoint_scores_the_recorded_value(study):
         assert (out / name).exists(), name
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    ev = Evaluator(cfg.task_specs("fitness"), include_paths=cfg.fitness.include, seed=cfg.fitness.seed,
-                   batch_size=cfg.fitness.batch_size)
+    ev = Evaluator(cfg.fitness.split_tasks("fitness"), include_paths=cfg.fitness.include, seed=cfg.fitness.seed,
+                   batch_size=cfg.fitness.batch_size, limit=cfg.fitness.limit, num_fewshot=cfg.fitness.num_fewshot)
     res = ev.evaluate(model, tok)
     assert res.scores == study.best.user_attrs["scores"]
     assert res.fitness == study.best.value
@@ -135,7 +135,7 @@ def test_merge_of_exported_recipe_is_bit_identical(study, tmp_path):
     assert "wrote" in printed and "NOT exact" in printed
 
 
-def test_recipe_yaml_is_complete(study):
+def test_recipe_yaml_carries_parameters_seed_version_and_fingerprints(study):
     text = (study.out / "recipe.yaml").read_text()
     d = yaml.safe_load(text)
     stored = study.best.user_attrs["recipe"]
@@ -171,7 +171,7 @@ def test_mergekit_config_says_where_it_is_not_exact(study):
     assert [w["value"] for w in weights] == study.best.user_attrs["recipe"]["parameters"]["weight"]["a"]
 
 
-def test_model_card(study):
+def test_model_card_and_summary_show_sources_baseline_evolved_and_rescore(study):
     card = (study.out / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["tags"] == ["merge", "evomerge"] and front["library_name"] == "transformers"
@@ -203,7 +203,7 @@ def test_model_card(study):
     assert "re-scored the exported checkpoint (float32 on cpu)" in study.printed and "warning" not in study.printed
 
 
-def test_trials_table(study, tmp_path):
+def test_trials_table_has_params_scores_and_fail_reasons(study, tmp_path):
     df = evomerge.trials("exp", study.storage)
     assert list(df.columns[:4]) == ["number", "state", "generation", "index"]
     params = [c for c in df.columns if c.startswith("param:")]
@@ -231,7 +231,7 @@ def test_export_of_a_chosen_trial_through_the_api(study, tmp_path):
     assert (merged.out / "README.md").read_text().startswith("---\nbase_model:")
 
 
-def test_export_errors(study, tmp_path):
+def test_export_refuses_unknown_study_or_trial_failed_trial_and_occupied_out(study, tmp_path):
     failed = next(t for t in study.rec.study.get_trials() if t.state == TrialState.FAIL)
     with pytest.raises(StudyError, match="no study 'nope'"):
         evomerge.export("nope", study.storage, out=tmp_path / "a")

@@ -14,7 +14,8 @@ import yaml
 from optuna.trial import TrialState
 
 from evomerge.study import load
-from tests.test_resume import _evomerge, _storage, _trials, _write_experiment, BUDGET
+from tests.helpers import (RESUMABLE_BUDGET, run_evomerge, save_tiny, storage_url, toy_experiment, trial_rows,
+                           write_resumable_experiment)
 
 
 def _make_stale(rec, seconds: float = 3600.0) -> None:
@@ -41,29 +42,28 @@ def _foreign_controller(rec) -> int:
 # -- overrides ------------------------------------------------------------------------------------
 
 def test_plain_resume_keeps_the_runs_budget_and_says_when_it_changes(tmp_path):
-    exp = _write_experiment(tmp_path, "overrides")
+    exp = write_resumable_experiment(tmp_path, "overrides")
     storage = f"sqlite:///{tmp_path / 'o.db'}"
-    first = _evomerge(["run", exp, "--storage", storage, "--workers", "0", "--budget", "6"], crash_at="tell:3")
+    first = run_evomerge(["run", exp, "--storage", storage, "--workers", "0", "--budget", "6"], crash_at="tell:3")
     assert first.returncode == -9, first.stderr[-2000:]
-    again = _evomerge(["resume", "overrides", "--storage", storage])
+    again = run_evomerge(["resume", "overrides", "--storage", storage])
     assert again.returncode == 0, again.stderr[-2000:]
     assert "budget 6 trials" in again.stdout and "0 worker" not in again.stdout
-    got = _trials(storage, "overrides")
+    got = trial_rows(storage, "overrides")
     assert len(got) == 6 and all(t[2] == TrialState.COMPLETE for t in got)
     stored = load("overrides", storage).get("settings")["overrides"]
     assert stored == {"budget": 6, "workers": 0}
 
-    more = _evomerge(["resume", "overrides", "--storage", storage, "--budget", "8"])
+    more = run_evomerge(["resume", "overrides", "--storage", storage, "--budget", "8"])
     assert more.returncode == 0, more.stderr[-2000:]
     assert "budget changed from 6 to 8 (--budget)" in more.stdout
-    assert len(_trials(storage, "overrides")) == 8
+    assert len(trial_rows(storage, "overrides")) == 8
     assert load("overrides", storage).get("settings")["overrides"]["budget"] == 8
 
 
 def test_population_of_an_optuna_sampler_is_fixed_by_the_first_run():
     from evomerge.config import config_from_dict
     from evomerge.runner import RunOptions, resolve_settings
-    from tests.test_search import toy_experiment
 
     cfg = config_from_dict(toy_experiment("pop", optimizer={"sampler": "tpe", "budget": {"trials": 8}}))
     first = resolve_settings(cfg, RunOptions(workers=3), None, print)
@@ -79,7 +79,7 @@ def test_second_controller_is_refused_and_takeover_needs_a_stale_heartbeat(tmp_p
     from evomerge.runner import RunOptions, run_experiment
     from evomerge.study import StudyError, create_or_load
 
-    exp = _write_experiment(tmp_path, "busy")
+    exp = write_resumable_experiment(tmp_path, "busy")
     storage = f"sqlite:///{tmp_path / 'busy.db'}"
     rec = create_or_load("busy", storage)
     _foreign_controller(rec)
@@ -139,8 +139,8 @@ def _race(exp: str, storage: str, study: str, tmp_path) -> list[subprocess.Compl
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_two_controllers_released_together_exactly_one_runs(tmp_path, kind):
-    exp = _write_experiment(tmp_path, "resumable")
-    storage = _storage(kind, tmp_path)
+    exp = write_resumable_experiment(tmp_path, "resumable")
+    storage = storage_url(kind, tmp_path)
     study = f"race_{uuid.uuid4().hex[:8]}"
     results = _race(exp, storage, study, tmp_path)
     codes = sorted(r.returncode for r in results)
@@ -148,7 +148,7 @@ def test_two_controllers_released_together_exactly_one_runs(tmp_path, kind):
     loser = next(r for r in results if r.returncode == 2)
     assert "already being run" in loser.stderr or "claimed by another controller" in loser.stderr
     assert "Traceback" not in loser.stderr
-    got = _trials(storage, study)
+    got = trial_rows(storage, study)
     clean = _clean_run(tmp_path)
     assert got == clean
     rec = load(study, storage)
@@ -157,17 +157,17 @@ def test_two_controllers_released_together_exactly_one_runs(tmp_path, kind):
 
 def _clean_run(tmp_path) -> list[tuple]:
     (tmp_path / "clean").mkdir()
-    exp = _write_experiment(tmp_path / "clean", "resumable")
+    exp = write_resumable_experiment(tmp_path / "clean", "resumable")
     storage = f"sqlite:///{tmp_path / 'clean' / 'c.db'}"
-    res = _evomerge(["run", exp, "--storage", storage, "--workers", "0"])
+    res = run_evomerge(["run", exp, "--storage", storage, "--workers", "0"])
     assert res.returncode == 0, res.stderr[-2000:]
-    return _trials(storage, "resumable")
+    return trial_rows(storage, "resumable")
 
 
 # -- worker deaths ---------------------------------------------------------------------------------
 
 def test_worker_killed_three_times_in_a_row_then_resume_replays_the_study(tmp_path):
-    exp = _write_experiment(tmp_path, "resumable")
+    exp = write_resumable_experiment(tmp_path, "resumable")
     storage = f"sqlite:///{tmp_path / 'deaths.db'}"
     limit = tmp_path / "kills"
     env_extra = {"EVOMERGE_CRASH_LIMIT": str(limit)}
@@ -178,15 +178,15 @@ def test_worker_killed_three_times_in_a_row_then_resume_replays_the_study(tmp_pa
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout.count("worker died while scoring") == 3
     limit.write_text("100")  # now every worker dies: the pool gives up, the candidate stays RUNNING
-    second = _evomerge_env(["resume", "resumable", "--storage", storage, "--budget", str(BUDGET)],
+    second = _evomerge_env(["resume", "resumable", "--storage", storage, "--budget", str(RESUMABLE_BUDGET)],
                            "worker_run:1", env_extra)
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
     assert "evomerge resume resumable --storage" in second.stderr
-    states = [t[2] for t in _trials(storage, "resumable")]
+    states = [t[2] for t in trial_rows(storage, "resumable")]
     assert TrialState.FAIL not in states and TrialState.RUNNING in states
-    final = _evomerge(["resume", "resumable", "--storage", storage])
+    final = run_evomerge(["resume", "resumable", "--storage", storage])
     assert final.returncode == 0, final.stderr[-2000:]
-    assert _trials(storage, "resumable") == _clean_run(tmp_path)
+    assert trial_rows(storage, "resumable") == _clean_run(tmp_path)
 
 
 def _evomerge_env(args, crash_at, extra):
@@ -270,39 +270,37 @@ def _snapshot(storage: str, name: str):
 
 
 def test_refusals_leave_the_study_as_it_was(tmp_path):
-    exp = _write_experiment(tmp_path, "refuse")
+    exp = write_resumable_experiment(tmp_path, "refuse")
     storage = f"sqlite:///{tmp_path / 'r.db'}"
-    assert _evomerge(["run", exp, "--storage", storage, "--workers", "0", "--budget", "4"]).returncode == 0
+    assert run_evomerge(["run", exp, "--storage", storage, "--workers", "0", "--budget", "4"]).returncode == 0
     before = _snapshot(storage, "refuse")
 
     changed = yaml.safe_load(open(exp))
     changed["fitness"]["limit"] = 12
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
-    res = _evomerge(["run", str(tmp_path / "changed.yaml"), "--storage", storage, "--workers", "0"])
+    res = run_evomerge(["run", str(tmp_path / "changed.yaml"), "--storage", storage, "--workers", "0"])
     assert res.returncode == 2 and "different experiment" in res.stderr
     assert _snapshot(storage, "refuse") == before
 
     incompatible = yaml.safe_load(open(exp))
     incompatible["sources"][1]["path"] = str(_foreign_model(tmp_path))
     (tmp_path / "incompatible.yaml").write_text(yaml.safe_dump(incompatible))
-    res = _evomerge(["run", str(tmp_path / "incompatible.yaml"), "--resume", "--storage", storage, "--workers", "0"])
+    res = run_evomerge(["run", str(tmp_path / "incompatible.yaml"), "--resume", "--storage", storage, "--workers", "0"])
     assert res.returncode == 2 and "cannot be merged" in res.stderr and "Traceback" not in res.stderr
     assert _snapshot(storage, "refuse") == before
-    assert _evomerge(["resume", "refuse", "--storage", storage, "--workers", "0"]).returncode == 0
+    assert run_evomerge(["resume", "refuse", "--storage", storage, "--workers", "0"]).returncode == 0
 
 
 def _foreign_model(tmp_path):
-    from tests.conftest import save_tiny
-
     return save_tiny(tmp_path / "foreign", seed=9)
 
 
 def test_a_failure_before_the_first_trial_leaves_no_study(tmp_path):
-    exp = yaml.safe_load(open(_write_experiment(tmp_path, "never")))
+    exp = yaml.safe_load(open(write_resumable_experiment(tmp_path, "never")))
     exp["fitness"]["tasks"][0]["task"] = "toy_addd"
     (tmp_path / "never.yaml").write_text(yaml.safe_dump(exp))
     storage = f"sqlite:///{tmp_path / 'n.db'}"
-    res = _evomerge(["run", str(tmp_path / "never.yaml"), "--storage", storage, "--workers", "0"])
+    res = run_evomerge(["run", str(tmp_path / "never.yaml"), "--storage", storage, "--workers", "0"])
     assert res.returncode == 2 and "fitness.include" in res.stderr
     assert not (tmp_path / "n.db").exists()
 
@@ -320,7 +318,7 @@ def test_a_study_created_by_a_run_that_fails_at_once_is_removed(tmp_path, monkey
     monkeypatch.setattr("evomerge.runner.make_pool", broken)
     storage = f"sqlite:///{tmp_path / 'gone.db'}"
     with pytest.raises(RuntimeError):
-        run_experiment(load_config(_write_experiment(tmp_path, "gone")), RunOptions(storage=storage))
+        run_experiment(load_config(write_resumable_experiment(tmp_path, "gone")), RunOptions(storage=storage))
     assert optuna.get_all_study_summaries(open_storage(storage)) == []
 
 
@@ -331,32 +329,32 @@ def test_a_study_created_by_a_run_that_fails_at_once_is_removed(tmp_path, monkey
 def test_read_only_commands_never_create_a_database(tmp_path, command):
     missing = tmp_path / "typo.db"
     args = [str(tmp_path / "o") if a == "OUT" else a for a in command]
-    res = _evomerge([*args, "--storage", f"sqlite:///{missing}"])
+    res = run_evomerge([*args, "--storage", f"sqlite:///{missing}"])
     assert res.returncode == 2 and "no study database" in res.stderr and "Traceback" not in res.stderr
     assert not missing.exists()
     journal = tmp_path / "typo.log"
-    res = _evomerge([*args, "--storage", str(journal)])
+    res = run_evomerge([*args, "--storage", str(journal)])
     assert res.returncode == 2 and not journal.exists()
 
 
 def test_in_memory_storage_warns_that_the_study_is_gone_at_exit(tmp_path):
-    exp = _write_experiment(tmp_path, "memory")
-    res = _evomerge(["run", exp, "--storage", "sqlite://", "--workers", "0", "--budget", "2"])
+    exp = write_resumable_experiment(tmp_path, "memory")
+    res = run_evomerge(["run", exp, "--storage", "sqlite://", "--workers", "0", "--budget", "2"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert "in-memory SQLite" in res.stdout and "cannot be resumed" in res.stdout
 
 
 def test_an_unwritable_database_is_refused_before_the_run(tmp_path):
-    exp = _write_experiment(tmp_path, "ro")
+    exp = write_resumable_experiment(tmp_path, "ro")
     db = tmp_path / "ro.db"
     storage = f"sqlite:///{db}"
-    assert _evomerge(["run", exp, "--storage", storage, "--workers", "0", "--budget", "2"]).returncode == 0
+    assert run_evomerge(["run", exp, "--storage", storage, "--workers", "0", "--budget", "2"]).returncode == 0
     if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not permitted here (needs CAP_LINUX_IMMUTABLE)")
     try:
-        res = _evomerge(["resume", "ro", "--storage", storage, "--budget", "4"])
+        res = run_evomerge(["resume", "ro", "--storage", storage, "--budget", "4"])
         assert res.returncode == 2 and "cannot be written" in res.stderr and "Traceback" not in res.stderr
-        status = _evomerge(["status", "ro", "--storage", storage])
+        status = run_evomerge(["status", "ro", "--storage", storage])
         assert status.returncode == 0 and "finished" in status.stdout
     finally:
         subprocess.run(["chattr", "-i", str(db)])
@@ -365,7 +363,7 @@ def test_an_unwritable_database_is_refused_before_the_run(tmp_path):
 def test_sigint_names_the_exact_resume_command(tmp_path):
     import signal
 
-    exp = _write_experiment(tmp_path, "interrupted")
+    exp = write_resumable_experiment(tmp_path, "interrupted")
     storage = f"sqlite:///{tmp_path / 'i.db'}"
     env = {k: v for k, v in os.environ.items() if k != "EVOMERGE_CRASH_AT"}
     proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "run", exp, "--storage", storage, "--workers", "0"],
@@ -390,7 +388,6 @@ def test_sigint_names_the_exact_resume_command(tmp_path):
 def test_a_half_written_stage_checkpoint_is_never_taken_as_complete(tmp_path, monkeypatch):
     from evomerge import stages
     from evomerge.config import config_from_dict
-    from tests.test_search import toy_experiment
 
     cfg = config_from_dict(toy_experiment("stage"))
     recipe = cfg.space(4).default_recipe().to_dict()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import pytest
 import torch
 
-from evomerge.methods import (METHODS, MergeInputs, MergeParamError, TensorCache, UnknownMethodError,
-                              get_method)
 from evomerge import kernels
-from evomerge.sparsify import (L1_BLOCK, keep_threshold, l1_blocks, magnitude_keep, mask_seed, outlier_keep,
-                               random_bits, random_keep)
+from evomerge.method_registry import Mergekit, Param, merge_method
+from evomerge.methods import METHODS, MergeInputs, MergeParamError, TensorCache, UnknownMethodError, get_method
+from evomerge.sparsify import (L1_BLOCK, RandomMask, keep_tensor, keep_threshold, l1_blocks, magnitude_mask, mask_seed,
+                               outlier_mask, random_bits)
 
 torch.set_num_threads(1)
 NAME = "model.layers.0.mlp.down_proj.weight"
@@ -63,10 +65,96 @@ def test_registry_is_complete_and_defaults_are_in_range():
             assert p.low <= p.default <= p.high, (m.name, p.name)
         assert m.param(m.params[0].name) is m.params[0]
     assert get_method("slerp").max_models == 2 and not get_method("slerp").uses_base
-    assert get_method("dare_ties").random and not get_method("ties").random
+    assert "global RNG" in get_method("dare_ties").mergekit.notes[0] and not get_method("dare_ties").mergekit.exact
+    assert get_method("ties").mergekit.name == "ties" and get_method("task_arithmetic").mergekit.exact
     assert get_method("ties").option_defaults == {"normalize": True, "rescale": False, "int8_mask": False}
     assert get_method("dare_ties").option_defaults == {"normalize": False, "rescale": True, "int8_mask": False}
     assert get_method("linear").option_defaults == {"normalize": True}
+
+
+def test_signature_declares_parameters_and_options():
+    m = get_method("breadcrumbs")
+    assert [(p.name, p.per_model) for p in m.params] == [("weight", True), ("density", True), ("gamma", True),
+                                                         ("lambda", False)]
+    assert m.arguments[-4:] == (("lambda", "lambda_"), ("normalize", "normalize"), ("rescale", "rescale"),
+                                ("int8_mask", "int8_mask"))
+    assert (m.param("gamma").low, m.param("gamma").high, m.param("gamma").default) == (0.0, 0.5, 0.01)
+
+
+def test_a_method_that_declares_an_argument_badly_is_refused():
+    with pytest.raises(TypeError, match="argument 'scale' must be a parameter"):
+        @merge_method(reference="-", mergekit=None)
+        def not_registered(inputs, scale: float = 1.0):  # neither Annotated with Param nor a keyword option
+            return inputs.base
+
+    with pytest.raises(TypeError, match="default 2.0 of 't' is outside"):
+        @merge_method(reference="-", mergekit=Mergekit("x"))
+        def not_registered_either(inputs, t: Annotated[float, Param(0.0, 1.0, 2.0, "out of range default")]):
+            return inputs.base
+    assert "not_registered" not in METHODS and "not_registered_either" not in METHODS
+
+
+TENSORS = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
+           "model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight",
+           "lm_head.weight"]
+
+
+def default_recipe(method: str, dtype: str = "float32"):
+    """A valid recipe of `method` with a value per layer group (near the defaults) for every parameter."""
+    from evomerge.groups import Granularity
+    from evomerge.kinds import check_recipe
+    from evomerge.kinds.ps.recipe import PSRecipe
+    from evomerge.sources import SourceRef
+
+    m = get_method(method)
+    n = m.max_models if m.max_models is not None else max(2, m.min_models)
+    sources = [SourceRef(f"m{i}", f"/models/m{i}") for i in range(n)]
+    recipe = PSRecipe(method, sources, SourceRef("base", "/models/base") if m.uses_base else None,
+                      Granularity("layer"), num_layers=2, options=dict(m.option_defaults), dtype=dtype)
+    groups = len(recipe.groups)
+    for p in m.params:
+        values = [p.default + (p.low - p.default) * g / (2 * groups) for g in range(groups)]
+        if p.per_model:
+            recipe.per_model[p.name] = {s.name: values for s in sources}
+        else:
+            recipe.global_params[p.name] = values
+    check_recipe(recipe)
+    return recipe
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_mergekit_export_follows_the_registry(method):
+    """The mergekit name, base model, parameters, options and exactness all come from the method's entry."""
+    from evomerge.kinds.ps.mergekit import mergekit_config
+    from evomerge.kinds import RecipeError
+
+    m, locate = get_method(method), (lambda ref: ref.path)
+    if m.mergekit is None:
+        with pytest.raises(RecipeError, match="no mergekit counterpart"):
+            mergekit_config(default_recipe(method), TENSORS, locate=locate)
+        return
+    exported = mergekit_config(default_recipe(method), TENSORS, locate=locate)
+    cfg = exported.config
+    assert cfg["merge_method"] == m.mergekit.name
+    assert exported.exact == m.mergekit.exact
+    assert cfg.get("base_model") == {"base": "/models/base", "first source": "/models/m0",
+                                     "none": None}[m.mergekit.base_model]
+    per_model = {k for model in cfg["models"] for k in model.get("parameters", {})}
+    assert per_model == {p.name for p in m.params if p.per_model}
+    assert set(cfg.get("parameters", {})) == {p.name for p in m.params if not p.per_model} | set(m.option_defaults)
+    half = mergekit_config(default_recipe(method, "bfloat16"), TENSORS, locate=locate)
+    assert half.exact == (m.mergekit.exact and m.mergekit.half_precision_exact)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_model_card_cites_the_method(method):
+    from evomerge.modelcard import CardData, render_card
+
+    card = render_card(CardData(recipe=default_recipe(method).to_dict(), fingerprints={}, mergekit_notes=None,
+                                has_mergekit=False))
+    reference = get_method(method).reference
+    assert reference.startswith(("http", "Wortsman", "Shoemake")) or "https://" in reference
+    assert f"- reference: {reference}" in card
 
 
 def test_unknown_method_lists_known_ones():
@@ -240,12 +328,12 @@ def test_threshold_lookup_equals_topk():
         k = max(1, int(density * delta.numel()))
         top = torch.zeros(delta.numel(), dtype=torch.bool)
         top[torch.topk(delta.abs().reshape(-1), k).indices] = True
-        assert torch.equal(magnitude_keep(delta, sorted_abs, density).reshape(-1), top)
+        assert torch.equal(keep_tensor(magnitude_mask(delta, sorted_abs, density), delta).reshape(-1), top)
     ties = torch.tensor([3.0, -1.0, 1.0, 1.0, -1.0, 2.0, 0.5, 1.0])
     for density in (0.25, 0.5, 0.75):
-        kept = magnitude_keep(ties, torch.sort(ties.abs()).values, density)
+        kept = keep_tensor(magnitude_mask(ties, torch.sort(ties.abs()).values, density), ties)
         assert int(kept.sum()) == int(density * 8)
-    kept = outlier_keep(ties, torch.sort(ties.abs()).values, 0.5, 0.125)
+    kept = keep_tensor(outlier_mask(ties, torch.sort(ties.abs()).values, 0.5, 0.125), ties)
     assert int(kept.sum()) == 4 and not kept[0]
 
 
@@ -258,6 +346,11 @@ def test_cache_recomputes_after_in_place_change():
 
 
 # DARE and DELLA
+
+def random_keep(delta: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+    """DARE's boolean keep mask of `delta` at `density` (the torch reference of the kernels)."""
+    return keep_tensor(RandomMask(seed, keep_threshold(density)), delta)
+
 
 def dare_masks(deltas, dens, seed, name=NAME):
     return [random_keep(d, p, mask_seed(seed, name, k)).numpy() for k, (d, p) in enumerate(zip(deltas, dens))]
@@ -312,6 +405,32 @@ def test_della_keeps_large_entries_more_often():
     assert kept[:1000].mean() < 0.25 < 0.75 < kept[-1000:].mean()
     assert torch.equal(got, run("della_linear", base, [delta], {"weight": [1.0], "density": [0.5], "epsilon": [0.4]},
                                 {"rescale": False}, seed=2))
+
+
+# SCE
+
+def sce_reference(base: np.ndarray, deltas: list[np.ndarray], select_topk: float) -> np.ndarray:
+    """FuseChat's SCE in float64: top-k entries by variance across models, mean-square weights,
+    sign election, weighted mean of the agreeing entries."""
+    tv = np.stack(deltas)
+    if select_topk < 1:
+        var = tv.var(axis=0)
+        keep = np.zeros(var.size, dtype=bool)
+        keep[np.argsort(-np.abs(var).ravel(), kind="stable")[:int(np.count_nonzero(var) * select_topk)]] = True
+        tv = tv * keep.reshape(var.shape)
+    agree = np.sign(tv) == np.where(tv.sum(axis=0) >= 0, 1.0, -1.0)
+    w = (tv ** 2).reshape(len(tv), -1).mean(axis=1)
+    w = (w / w.sum() if w.sum() >= 1e-6 else np.full(len(tv), 1 / len(tv))).reshape((-1,) + (1,) * base.ndim) * agree
+    return base + (tv * w).sum(axis=0) / np.maximum(w.sum(axis=0), 1e-6)
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3, 0.0])
+def test_sce_matches_reference(select_topk):
+    base, _, deltas = make(3, shape=(20, 15), scale=0.3)
+    got = run("sce", base, deltas, glob={"select_topk": select_topk})
+    np.testing.assert_allclose(got.numpy(), sce_reference(np64([base])[0], np64(deltas), select_topk), atol=1e-6)
+    if select_topk == 0.0:
+        assert torch.equal(got, base)
 
 
 # slerp
@@ -522,12 +641,12 @@ def test_kernel_l1_sums_equal_torch():
         for dtype in (torch.float32, torch.bfloat16):
             delta = (torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 8).to(dtype)
             dense = kernels.ModelSpec(delta=delta.data_ptr(), w=1.0, kind=kernels.KIND_DENSE)
-            assert kernels.l1_partials(dense, kernels.dtype_code(delta), n) == l1_blocks(delta.float().abs())
             seed = mask_seed(3, NAME, 1)
             rnd = kernels.ModelSpec(delta=delta.data_ptr(), w=1.0, kind=kernels.KIND_RANDOM,
                                     k0=seed & 0xFFFFFFFF, k1=seed >> 32, thr=keep_threshold(0.3))
             masked = (delta.float() * random_keep(delta, 0.3, seed)).abs()
-            assert kernels.l1_partials(rnd, kernels.dtype_code(delta), n) == l1_blocks(masked)
+            sums = kernels.l1_partials_many([dense, rnd], kernels.dtype_code(delta), n)
+            assert sums == [l1_blocks(delta.float().abs()), l1_blocks(masked)]
 
 
 @needs_kernels

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from evomerge.config import REPO_ROOT, config_from_dict, load_config
-from evomerge.plan import GiB, make_plan, make_plans, params_from_config
+from evomerge.methods import METHODS
+from evomerge.plan import BYTES, GiB, make_plan, make_plans, params_from_config
 
 
 def test_paper_setup_plans_offline_from_checked_in_configs(monkeypatch):
@@ -26,20 +27,28 @@ def test_mistral_parameter_count_from_config():
     assert params_from_config(cfg) == 7_241_732_096
 
 
-@pytest.mark.parametrize("method, with_base", [("ties", True), ("linear", True), ("linear", False),
-                                               ("slerp", False)])
-def test_plan_memory_matches_a_real_worker(tiny_world, method, with_base):
-    """Resident weights (base + task vectors, or whole sources for methods without a base) and the
-    output model, as planned vs as held by a worker (within 20 %)."""
-    from evomerge.workers import make_materializer
-
-    cfg = config_from_dict({
+def _tiny_config(tiny_world, method: str, with_base: bool, dtype: str = "float32"):
+    return config_from_dict({
         "name": "plan_tiny", "sources": [{"name": "a", "path": str(tiny_world["a"])},
                                          {"name": "b", "path": str(tiny_world["b"])}],
         **({"base": {"name": "base", "path": str(tiny_world["base"])}} if with_base else {}),
         "search_space": {"kind": "ps", "method": method},
         "fitness": {"tasks": [{"task": "tiny_add"}]},
+        "resources": {"dtype": dtype},
     })
+
+
+# every method with a base, and the methods that use none without one too
+WORKER_CASES = [(m, True) for m in sorted(METHODS)] + [(m, False) for m in sorted(METHODS) if not METHODS[m].uses_base]
+
+
+@pytest.mark.parametrize("method, with_base", WORKER_CASES)
+def test_plan_memory_matches_a_real_worker(tiny_world, method, with_base):
+    """Resident weights (base + task vectors, or whole sources for methods without a base) and the
+    output model, as planned vs as held by a worker (within 20 %)."""
+    from evomerge.workers import make_materializer
+
+    cfg = _tiny_config(tiny_world, method, with_base)
     plan = make_plan(cfg)
     planned = sum(v for k, v in plan.breakdown.items()
                   if k.startswith(("base weights", "task vectors", "source weights", "output")))
@@ -47,6 +56,26 @@ def test_plan_memory_matches_a_real_worker(tiny_world, method, with_base):
     model_bytes = sum(p.numel() * p.element_size() for p in mat.model.parameters())
     measured = mat.sources.resident_bytes + model_bytes
     assert abs(planned - measured) / measured < 0.2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_plan_counts_what_the_method_declares(tiny_world, method, dtype):
+    """Every registered method's memory entry reaches the plan: the resident form its `uses_base`
+    implies, its caches, and its float32 scratch (none is planned that it does not declare)."""
+    m = METHODS[method]
+    breakdown = make_plan(_tiny_config(tiny_world, method, with_base=True, dtype=dtype)).breakdown
+    params = breakdown["output model"] // BYTES[dtype]
+    assert ("task vectors (2)" in breakdown) == m.uses_base and ("source weights (2)" in breakdown) != m.uses_base
+    assert breakdown.get("sorted magnitudes (trimming cache)", 0) == (2 * params * BYTES[dtype]
+                                                                      if m.memory.sorted_magnitudes else 0)
+    assert breakdown.get("magnitude ranks (rank cache)", 0) == (2 * params * 4 if m.memory.magnitude_ranks else 0)
+    copies = m.memory.scratch_tensors(2, float32=dtype == "float32")
+    scratch = breakdown.get("float32 merge scratch (largest tensor)", 0)
+    assert (scratch > 0) == (copies > 0) and scratch % max(copies, 1) == 0
+    assert set(breakdown) <= {"base weights", "task vectors (2)", "source weights (2)", "output model",
+                              "sorted magnitudes (trimming cache)", "magnitude ranks (rank cache)",
+                              "float32 merge scratch (largest tensor)", "eval activations and KV cache"}
 
 
 def test_plan_cli_refuses_what_cannot_fit(tmp_path):

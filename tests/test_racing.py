@@ -10,12 +10,12 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from evomerge.evaluate import TaskSpec
+from evomerge.fitness import TaskConfig
 from evomerge.racing import PairedRace, Race, deal, docs_count, estimate, round_increments
 from evomerge.study import load
-from tests.test_resume import _evomerge, _trials, _write_experiment, kill_and_resume
+from tests.helpers import kill_and_resume, run_evomerge, trial_rows, write_resumable_experiment
 
-TASKS = (TaskSpec("a", weight=0.5), TaskSpec("b", weight=0.5))
+TASKS = (TaskConfig(task="a", weight=0.5), TaskConfig(task="b", weight=0.5))
 
 
 def _docs(values_a, values_b):
@@ -58,7 +58,7 @@ def test_paired_race_stops_only_the_clearly_beaten():
 
 
 def _racing_experiment(tmp_path, name: str, sampler: str = "cmaes", budget: int = 12) -> str:
-    cfg = yaml.safe_load(open(_write_experiment(tmp_path, name)))
+    cfg = yaml.safe_load(open(write_resumable_experiment(tmp_path, name)))
     cfg["fitness"]["racing"] = {"rounds": [0.25, 0.5, 1.0], "confidence": 0.6, "top": 0.25}
     cfg["optimizer"].update(sampler=sampler, budget={"trials": budget})
     path = tmp_path / f"{name}_racing.yaml"
@@ -70,9 +70,9 @@ def _racing_experiment(tmp_path, name: str, sampler: str = "cmaes", budget: int 
 def uninterrupted_race(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("race_clean")
     storage = f"sqlite:///{tmp / 'clean.db'}"
-    res = _evomerge(["run", _racing_experiment(tmp, "racing"), "--storage", storage, "--workers", "0"])
+    res = run_evomerge(["run", _racing_experiment(tmp, "racing"), "--storage", storage, "--workers", "0"])
     assert res.returncode == 0, res.stderr[-2000:]
-    return storage, _trials(storage, "racing")
+    return storage, trial_rows(storage, "racing")
 
 
 def test_racing_study_records_docs_and_races_out_candidates(uninterrupted_race):
@@ -86,7 +86,7 @@ def test_racing_study_records_docs_and_races_out_candidates(uninterrupted_race):
             assert t.user_attrs["raced_out"] in (0, 1)
         elif t.state == TrialState.COMPLETE:
             assert t.user_attrs["docs_evaluated"] == 32  # limit 16 docs x 2 tasks
-    status = _evomerge(["status", "racing", "--storage", storage])
+    status = run_evomerge(["status", "racing", "--storage", storage])
     assert "docs" in status.stdout and "raced out" in status.stdout
     summary = json.loads((Path(storage.removeprefix("sqlite:///")).parent / "summary.json").read_text())
     docs = summary["docs"]
@@ -99,12 +99,12 @@ def test_racing_study_records_docs_and_races_out_candidates(uninterrupted_race):
 def test_kill_and_resume_with_racing_replays_the_uninterrupted_study(tmp_path, uninterrupted_race, crash_points):
     storage = f"sqlite:///{tmp_path / 'killed.db'}"
     kill_and_resume(_racing_experiment(tmp_path, "racing"), "racing", storage, crash_points)
-    assert _trials(storage, "racing") == uninterrupted_race[1]
+    assert trial_rows(storage, "racing") == uninterrupted_race[1]
 
 
 def test_tpe_races_through_optunas_wilcoxon_pruner(tmp_path):
     storage = f"sqlite:///{tmp_path / 'tpe.db'}"
-    res = _evomerge(["run", _racing_experiment(tmp_path, "tpe_race", "tpe", budget=16), "--storage", storage,
+    res = run_evomerge(["run", _racing_experiment(tmp_path, "tpe_race", "tpe", budget=16), "--storage", storage,
                      "--workers", "0"])
     assert res.returncode == 0, res.stderr[-2000:]
     trials = load("tpe_race", storage).study.get_trials()

@@ -7,27 +7,10 @@ import math
 import pytest
 from optuna.trial import TrialState
 
-from evomerge.config import REPO_ROOT, config_from_dict
+from evomerge.config import config_from_dict
 from evomerge.runner import RunOptions, run_experiment
 from evomerge.study import load
-
-
-def toy_experiment(name: str, **overrides) -> dict:
-    cfg = {
-        "name": name,
-        "base": {"name": "base", "path": "toy:base"},
-        "sources": [{"name": "expert_add", "path": "toy:expert_add"},
-                    {"name": "expert_cipher", "path": "toy:expert_cipher"}],
-        "search_space": {"kind": "ps", "method": "task_arithmetic", "granularity": {"kind": "model"},
-                         "parameters": {"weight": {"low": 0.0, "high": 2.0, "init": 1.0}}, "sigma": 0.2},
-        "fitness": {"include": [str(REPO_ROOT / "evaluators" / "toy")], "limit": 24, "test_limit": 24,
-                    "tasks": [{"task": "toy_add", "test": "toy_add_test", "weight": 0.5},
-                              {"task": "toy_cipher", "test": "toy_cipher_test", "weight": 0.5}]},
-        "optimizer": {"sampler": "cmaes", "seed": 3, "population": 4, "budget": {"trials": 8}},
-        "resources": {"workers": 2, "cpus_per_worker": 1},
-    }
-    cfg.update(overrides)
-    return cfg
+from tests.helpers import toy_experiment
 
 
 @pytest.fixture(scope="module")

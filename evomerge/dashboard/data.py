@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.fitness import FitnessError, metric_value
 from evomerge.status import StudyStatus, study_status
 from evomerge.study import StudyRecord, open_storage
 
@@ -160,21 +161,13 @@ def best_of(trials: list[FrozenTrial]) -> FrozenTrial | None:
     return max(done, key=lambda t: (t.value, -t.number)) if done else None
 
 
-def pick_metric(metric: str, available: list[str]) -> str | None:
-    """The "metric,filter" key that the experiment's `metric` names, or None."""
-    if metric in available:
-        return metric
-    if f"{metric},none" in available:
-        return f"{metric},none"
-    matches = [k for k in available if k.split(",")[0] == metric]
-    return matches[0] if len(matches) == 1 else None
-
-
 def _task_value(scores: dict, task: str, metric: str) -> float | None:
-    by_metric = (scores or {}).get(task) or {}
-    key = pick_metric(metric, list(by_metric))
-    value = by_metric.get(key) if key else None
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+    """The task's chosen metric, None when it was not scored (or the stored scores do not name it)."""
+    try:
+        value = metric_value((scores or {}).get(task) or {}, metric)
+    except FitnessError:
+        return None
+    return None if math.isnan(value) else value
 
 
 def _tasks(config: dict, split: str) -> list[tuple[str, str]]:

@@ -167,8 +167,8 @@ def main(quick: bool = False, candidates: int | None = None, tiny: bool = False,
     from lm_eval.tasks import TaskManager
 
     from evomerge.config import config_from_dict
-    from evomerge.evaluate import _quiet
-    from evomerge.kinds import recipe_from_dict  # noqa: F401  (the worker decodes recipe dicts
+    from evomerge.kinds import recipe_from_dict  # noqa: F401  (the worker decodes recipe dicts)
+    from evomerge.lm_eval_compat import quiet
     from evomerge.workers import CandidateWorker, Job
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -212,7 +212,7 @@ def main(quick: bool = False, candidates: int | None = None, tiny: bool = False,
         # baseline: simple_evaluate per candidate, as mergekit-evolve's InMemoryMergeEvaluator
         tasks = [t.task for t in cfg.fitness.tasks]
         manager = TaskManager(include_path=[str(p) for p in cfg.fitness.include], include_defaults=False)
-        with _quiet(logging.ERROR):
+        with quiet(logging.ERROR):
             lm = HFLM(pretrained=model, tokenizer=worker.tokenizer, batch_size=cfg.fitness.batch_size)
         base_times, base_model = [], []
         from evomerge.kinds import recipe_from_dict as decode
@@ -221,7 +221,7 @@ def main(quick: bool = False, candidates: int | None = None, tiny: bool = False,
             worker.materializer.apply(decode(r))
             clock.reset()
             start = time.perf_counter()
-            with _quiet(logging.ERROR), contextlib.redirect_stderr(open(os.devnull, "w")):
+            with quiet(logging.ERROR), contextlib.redirect_stderr(open(os.devnull, "w")):
                 lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager,
                                         log_samples=False, verbosity="ERROR", bootstrap_iters=0)
             if i > 0:  # the first call is a warm-up, as for ours

@@ -23,18 +23,9 @@ import yaml
 from evomerge.groups import block_word, group_map, layer_index, layer_modules, tensor_kind
 from evomerge.kinds.base import RecipeError
 from evomerge.kinds.ps.recipe import PSRecipe
+from evomerge.methods import MergeError, MergeMethod, Mergekit, get_method
 from evomerge.sources import SourceRef
 
-# evomerge method -> (mergekit merge_method, options mergekit takes as global parameters)
-_GTA_OPTIONS = ("normalize", "rescale", "int8_mask")
-METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "linear": ("linear", ("normalize",)),
-    "slerp": ("slerp", ()),
-    **{m: (m, _GTA_OPTIONS) for m in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                                       "breadcrumbs_ties", "della", "della_linear")},
-}
-_RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
-_RANKED = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 MERGEKIT_VERSION = "0.1.5"  # the version these configs are checked against (tests/test_mergekit_oracle.py)
 
 Setting = Any  # a scalar, or a list of {"filter": str, "value": float} with a final {"value": float}
@@ -177,39 +168,32 @@ def _check_setting(setting: Setting, values: Sequence[float], groups: dict[str, 
 
 # -- the configuration -----------------------------------------------------------------------
 
-def _notes(recipe: PSRecipe, dropped: list[str]) -> list[str]:
-    notes = []
-    if recipe.method in _RANDOM:
-        notes.append(f"{recipe.method} drops entries at random. evomerge draws each mask from a generator "
-                     f"seeded by (dare_seed={recipe.seed}, tensor, model); mergekit uses torch's global RNG "
-                     "(`--random-seed` seeds it, but not the same way), so mergekit builds another random "
-                     "sample of the same merge, not these weights. Use `evomerge merge recipe.yaml` or the "
-                     "exported checkpoint for the evolved model.")
-    if recipe.method in _RANKED:
-        notes.append("magnitude trimming: entries tied in |value| exactly at the trimming threshold may be "
-                     "kept differently (same count kept); this needs repeated magnitudes, rare in float32.")
-    if recipe.method.startswith("della"):
-        notes.append("DELLA on single-column tensors: evomerge uses the plain density where mergekit's "
-                     "rank normalisation divides 0 by 0.")
-    if recipe.dtype != "float32" and recipe.method not in ("linear", "slerp"):
+def _notes(recipe: PSRecipe, mk: Mergekit, dropped: list[str]) -> list[str]:
+    """Why mergekit will not rebuild these weights bit for bit: the method's notes, then the recipe's."""
+    notes = [note.format(method=recipe.method, seed=recipe.seed) for note in mk.notes]
+    if recipe.dtype != "float32" and not mk.half_precision_exact:
         notes.append(f"dtype {recipe.dtype}: evomerge computes in float32 and rounds once, mergekit's "
-                     f"task-arithmetic methods compute in {recipe.dtype}; results differ in the last bits.")
-    if recipe.method == "linear" and recipe.options.get("normalize", True):
-        weights = recipe.per_model.get("weight", {})
-        for g in range(len(recipe.groups)):
-            if abs(sum(v[g] for v in weights.values())) < 1e-8:
-                notes.append(f"linear group {recipe.groups[g]!r}: the weights sum to ~0; evomerge then does "
-                             "not normalize, mergekit divides by the near-zero sum.")
+                     f"{recipe.method} computes in {recipe.dtype}; results differ in the last bits.")
+    if mk.recipe_notes is not None:
+        notes += mk.recipe_notes(recipe)
     notes += [f"option {k!r} has no mergekit equivalent for {recipe.method!r} and is left out." for k in dropped]
     return notes
+
+
+def _counterpart(recipe: PSRecipe) -> tuple[MergeMethod, Mergekit]:
+    try:
+        method = get_method(recipe.method)
+    except MergeError as exc:
+        raise RecipeError(f"recipe method: {exc}") from exc
+    if method.mergekit is None:
+        raise RecipeError(f"method {recipe.method!r} has no mergekit counterpart; export recipe.yaml only")
+    return method, method.mergekit
 
 
 def mergekit_config(recipe: PSRecipe, tensor_names: Sequence[str],
                     locate: Callable[[SourceRef], str] = model_reference) -> MergekitConfig:
     """The mergekit configuration of `recipe` for a checkpoint with these tensor names."""
-    if recipe.method not in METHODS:
-        raise RecipeError(f"method {recipe.method!r} has no mergekit counterpart; export recipe.yaml only")
-    mk_method, option_names = METHODS[recipe.method]
+    method, mk = _counterpart(recipe)
     tensor_names = list(tensor_names)
     groups = group_map(recipe.granularity, tensor_names, recipe.num_layers)
     filters, catch_all = group_filters(recipe, tensor_names, groups)
@@ -222,34 +206,23 @@ def mergekit_config(recipe: PSRecipe, tensor_names: Sequence[str],
     models = []
     for src in recipe.sources:
         params = {p: setting(by_model[src.name], f"{p} of {src.name}") for p, by_model in recipe.per_model.items()}
-        models.append({"model": locate(src), "parameters": params})
-    cfg: dict[str, Any] = {"merge_method": mk_method}
-    if recipe.method == "slerp":
+        models.append({"model": locate(src), **({"parameters": params} if params else {})})
+    cfg: dict[str, Any] = {"merge_method": mk.name}
+    if mk.base_model == "first source":
         cfg["base_model"] = models[0]["model"]
-        models = [{"model": m["model"]} for m in models]
-    elif recipe.method != "linear":
+    elif mk.base_model == "base":
         if recipe.base is None:
             raise RecipeError(f"method {recipe.method!r} needs a base model; the recipe has none")
         cfg["base_model"] = locate(recipe.base)
     cfg["models"] = models
     glob = {p: setting(v, p) for p, v in recipe.global_params.items()}
-    glob.update({k: v for k, v in recipe.options.items() if k in option_names})
-    dropped = sorted(k for k in recipe.options if k not in option_names)
+    glob.update({k: v for k, v in recipe.options.items() if k in method.option_defaults})
+    dropped = sorted(k for k in recipe.options if k not in method.option_defaults)
     if glob:
         cfg["parameters"] = glob
     cfg["dtype"] = recipe.dtype
-    return MergekitConfig(cfg, _notes(recipe, dropped), _version_notes(recipe))
+    older = [note.format(version=MERGEKIT_VERSION) for note in mk.older_versions]
+    return MergekitConfig(cfg, _notes(recipe, mk, dropped), older)
 
 
-def _version_notes(recipe: PSRecipe) -> list[str]:
-    if recipe.method.startswith("breadcrumbs"):
-        # mergekit <= 0.1.4, sparsify.magnitude_outliers: mask[indices[n_bot:-n_top]] = 1, an empty
-        # slice when n_top = int(gamma * numel) is 0; 0.1.5 keeps indices[n_bot:n_bot + target_n].
-        return [f"mergekit 0.1.4 and older drop a tensor's whole task vector where int(gamma * numel) = 0 "
-                f"(gamma = 0, or a small gamma on a small tensor such as a norm); use mergekit "
-                f"{MERGEKIT_VERSION} or later, which keeps the top int(density * numel) entries there as "
-                "evomerge does."]
-    return []
-
-
-__all__ = ["MERGEKIT_VERSION", "METHODS", "MergekitConfig", "group_filters", "mergekit_config", "model_reference", "resolve_setting"]
+__all__ = ["MERGEKIT_VERSION", "MergekitConfig", "group_filters", "mergekit_config", "model_reference", "resolve_setting"]
