@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -212,7 +212,6 @@ class SourceSet:
     dtype: torch.dtype
     device: torch.device
     has_base: bool = True
-    extra: dict = field(default_factory=dict)
     compute_device: torch.device | None = None  # where merges run; differs from `device` when streamed
     weights: dict[str, list[torch.Tensor]] | None = None
 

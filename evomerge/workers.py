@@ -163,9 +163,6 @@ class InlinePool:
     def free_slots(self) -> int:
         return 1
 
-    def pending(self) -> int:
-        return len(self._done)
-
     def next_result(self) -> JobResult:
         return self._done.pop(0)
 
@@ -225,9 +222,6 @@ class RayPool:
 
     def free_slots(self) -> int:
         return max(0, len(self.idle) - len(self.queue))
-
-    def pending(self) -> int:
-        return len(self.queue) + len(self.running) + len(self.ready)
 
     def _dispatch(self) -> None:
         while self.idle and self.queue:
