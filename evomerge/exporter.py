@@ -32,12 +32,12 @@ from typing import Any, Callable
 import yaml
 
 from evomerge.kinds import BuildOptions, Built, RecipeError, check_recipe, kind_of, kind_of_recipe, recipe_from_dict
-from evomerge.refs import SourceRef
+from evomerge.ledger import Stored, StudyAttr, best_trial, is_candidate
 from evomerge.output_dir import ExportError, StagedOutput, check_out_dir, write_checkpoint
+from evomerge.refs import SourceRef
 from evomerge.sources import read_config, resolve_path, weight_files
 
 DEFAULT_SHARD_SIZE = "5GB"
-STUDY_FINGERPRINTS = "source_fingerprints"  # study attribute: {source name: fingerprint} when the study ran
 MTIME_SLACK_SECONDS = 60.0  # clock skew allowed between a shared file system and the controller
 
 
@@ -114,13 +114,13 @@ def record_source_fingerprints(rec, cfg, printer: Callable[[str], None] = print)
     `export` compares them with the weights it finds, so a checkpoint whose weights changed after
     the study scored them is not exported under the study's fitness. Hashes are cached per file.
     """
-    stored = rec.get(STUDY_FINGERPRINTS)
+    stored = rec.get(StudyAttr.SOURCE_FINGERPRINTS)
     if stored:
         return stored
     refs = list(dict.fromkeys([*cfg.sources, *([cfg.base] if cfg.base else [])]))
     printer("hashing the source weights (sha256, cached per file) ...")
     prints = fingerprints(refs, cfg.allow_pickle)
-    rec.set(STUDY_FINGERPRINTS, prints)
+    rec.set(StudyAttr.SOURCE_FINGERPRINTS, prints)
     return prints
 
 
@@ -133,7 +133,7 @@ def check_study_sources(rec, refs: list[SourceRef], current: dict, allow_pickle:
     """
     way_out = ("restore the weights the study scored (or point the source back at them), or export "
                "anyway with --no-verify (the card would then show the study's fitness for other weights)")
-    stored = rec.get(STUDY_FINGERPRINTS)
+    stored = rec.get(StudyAttr.SOURCE_FINGERPRINTS)
     if isinstance(stored, dict) and stored:
         check_fingerprints({n: stored[n] for n in current if n in stored}, current,
                            made_by=f"study {rec.name!r} scored", way_out=way_out)
@@ -256,8 +256,6 @@ def pick_trial(rec, number: int | None):
     """The trial to export: the best COMPLETE candidate, or trial `number` if it is one."""
     from optuna.trial import TrialState
 
-    from evomerge.report import best_trial
-
     if number is None:
         best = best_trial(rec)
         if best is None:
@@ -269,10 +267,11 @@ def pick_trial(rec, number: int | None):
         raise ExportError(f"study {rec.name!r} has no trial {number}; its trials are numbered "
                           f"0-{len(trials) - 1}" if trials else f"study {rec.name!r} has no trials")
     t = match[0]
-    if "recipe" not in t.user_attrs or "generation" not in t.user_attrs:
+    if not is_candidate(t) or Stored(t).recipe is None:
         raise ExportError(f"trial {number} of {rec.name!r} is not a search candidate (it has no recipe)")
     if t.state == TrialState.FAIL:
-        raise ExportError(f"trial {number} of {rec.name!r} FAILED ({t.user_attrs.get('fail_reason', 'no reason')}); "
+        reason = Stored(t).fail_reason
+        raise ExportError(f"trial {number} of {rec.name!r} FAILED ({'no reason' if reason is None else reason}); "
                           "export a COMPLETE trial (`evomerge trials` lists them)")
     if t.state != TrialState.COMPLETE:
         raise ExportError(f"trial {number} of {rec.name!r} is {t.state.name}, not COMPLETE; it has no score yet")
@@ -291,10 +290,9 @@ def export_study(study: str, storage: str | None = None, trial: int | None = Non
     """
     from evomerge.config import config_from_dict
     from evomerge.modelcard import write_study_card
-    from evomerge.study import load
-    from evomerge.trial_table import default_storage_url
+    from evomerge.study import existing_default_storage, load
 
-    url = storage or default_storage_url(study)
+    url = storage or existing_default_storage(study)
     rec = load(study, url)
     if rec.get("config") is None:
         raise ExportError(f"study {study!r} in {url} was not made by evomerge (no experiment snapshot)")

@@ -10,10 +10,9 @@ import json
 import math
 from pathlib import Path
 
-from optuna.trial import TrialState
-
 from evomerge.config import ConfigError, ExperimentConfig
 from evomerge.fitness import TaskConfig, metric_value
+from evomerge.ledger import Stored, StudyAttr, best_trial
 from evomerge.study import StudyRecord
 from evomerge.workers import Job
 
@@ -26,12 +25,6 @@ def row_scores(scores: dict, tasks: list[TaskConfig]) -> dict[str, float]:
     return out
 
 
-def best_trial(rec: StudyRecord):
-    done = [t for t in rec.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "generation" in t.user_attrs]
-    return max(done, key=lambda t: (t.value, -t.number)) if done else None
-
-
 def _models(rec: StudyRecord) -> list[tuple[str, str, dict, Job]]:
     """(name, kind, fitness scores, test job) for every model the table compares."""
     out = []
@@ -42,8 +35,8 @@ def _models(rec: StudyRecord) -> list[tuple[str, str, dict, Job]]:
     best = best_trial(rec)
     if best is not None:
         name = f"evolved (trial {best.number})"
-        out.append((name, "evolved", best.user_attrs.get("scores", {}),
-                    Job(f"test:{name}", split="test", recipe=best.user_attrs["recipe"])))
+        stored = Stored(best)
+        out.append((name, "evolved", stored.scores, Job(f"test:{name}", split="test", recipe=stored.recipe)))
     return out
 
 
@@ -51,7 +44,7 @@ def build_summary(cfg: ExperimentConfig, rec: StudyRecord, pool) -> dict:
     """Score every compared model on the test split (once, cached in the study) and tabulate."""
     fit_tasks, test_tasks = cfg.fitness.split_tasks("fitness"), cfg.fitness.split_tasks("test")
     models = _models(rec)
-    cache = dict(rec.get("test_scores", {}))
+    cache = dict(rec.get(StudyAttr.TEST_SCORES, {}))
     if test_tasks and pool is not None:
         jobs = [job for _, _, _, job in models if job.id not in cache]
         for job in jobs:
@@ -61,7 +54,7 @@ def build_summary(cfg: ExperimentConfig, rec: StudyRecord, pool) -> dict:
             if not res.ok:
                 raise RuntimeError(f"{res.job.id} failed on the test split: {res.error}")
             cache[res.job.id] = res.scores
-        rec.set("test_scores", cache)
+        rec.set(StudyAttr.TEST_SCORES, cache)
     rows = []
     for name, kind, fit_scores, job in models:
         row = {"name": name, "kind": kind, "fitness": row_scores(fit_scores, fit_tasks)}

@@ -20,6 +20,7 @@ from evomerge.stages import run_stages
 from evomerge.exporter import record_source_fingerprints
 from evomerge.faults import barrier
 from evomerge.lease import LeaseLost
+from evomerge.ledger import StudyAttr
 from evomerge.preflight import preflight
 from evomerge.study import StudyError, StudyRecord, create_or_load, default_storage, exists, load, run_dir_for
 from evomerge.workers import InlinePool, RayPool, WorkersLost, start_ray
@@ -95,7 +96,7 @@ def _check_stored_config(rec: StudyRecord, cfg: ExperimentConfig, resume: bool) 
 
 
 def _check_sampler_state(rec: StudyRecord, sampler) -> None:
-    problem = sampler.state_problem(rec.get("sampler_state"))
+    problem = sampler.state_problem(rec.get(StudyAttr.SAMPLER_STATE))
     if problem:
         raise StudyError(f"study {rec.name!r} cannot continue with this experiment: {problem}. Its stored "
                          "search state only fits the population and search space it was made with; restore "
@@ -241,7 +242,7 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
     references = reference_rows(opts.compare, cfg)
     existing = load(name, storage) if exists(name, storage) else None
     diff = _check_stored_config(existing, cfg, opts.resume) if existing else None
-    settings = resolve_settings(cfg, opts, existing.get("settings") if existing else None, printer)
+    settings = resolve_settings(cfg, opts, existing.get(StudyAttr.SETTINGS) if existing else None, printer)
     sampler = make_sampler(cfg.optimizer.sampler, space, cfg.optimizer.seed, settings.population, settings.workers,
                            args=cfg.optimizer.sampler_args)
     if existing:
@@ -302,7 +303,7 @@ def _adopt(rec: StudyRecord, cfg: ExperimentConfig, opts: RunOptions, settings: 
     record_source_fingerprints(rec, cfg, printer)
     rec.set("config", cfg.snapshot())
     rec.set("fingerprint", cfg.fingerprint())
-    rec.set("settings", settings.as_dict())
+    rec.set(StudyAttr.SETTINGS, settings.as_dict())
     rec.set("budget", settings.budget)
     rec.set("state", "running")
     rec.set("desired_state", "running")

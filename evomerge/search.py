@@ -1,66 +1,57 @@
 """The controller: ask a generation, keep every worker busy, tell the study, repeat.
 
-Everything the loop knows is re-read from the study at the start of each generation, so a
-controller that was killed at any point picks up exactly where the database says it was:
-finished trials are kept, trials left running are scored again with their stored parameters,
-and the sampler state continues from the stored one.
+One candidate's path (DESIGN.md, "the flow of one candidate"):
+
+    sampler.propose -> ledger.ask (its trial, RUNNING: parameters, labels, recipe)
+    -> round_jobs (one job per shard) -> pool -> InFlight (until its shards are back)
+    -> combine -> ledger.record_result -> ledger.tell (COMPLETE / FAIL; racing: ledger.prune)
+    and, once the whole generation is finished, sampler.update -> the stored sampler state.
+
+The study is read once when the controller starts (the `Ledger`), so a controller killed at any
+point picks up exactly where the database says it was: finished trials are kept, trials left
+running are scored again with their stored parameters (and racing docs), and the sampler state
+continues from the stored one. From then on the ledger follows the controller's own writes.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import optuna
-from optuna.trial import TrialState
 
+from evomerge.baselines import BaselineSpace, run_baselines
 from evomerge.config import ExperimentConfig
-from evomerge.fitness import combine_docs, fitness_of
+from evomerge.dispatch import InFlight, combine, plan_rounds, round_jobs, shards_per_candidate
 from evomerge.faults import crash_point
+from evomerge.fitness import fitness_of
+from evomerge.ledger import Candidate, Ledger, Phase, StudyAttr, close_orphans
 from evomerge.progress import Progress
-from evomerge.racing import (combine_parts, deal, docs_count, estimate, make_race, merge_docs, normalized,
-                              round_increments)
+from evomerge.racing import combine_parts, docs_count, estimate, make_race, merge_docs
 from evomerge.sampler import GenerationSampler, Proposal
-from evomerge.dims import DimVector
 from evomerge.study import StudyRecord
-from evomerge.workers import Job, JobResult, candidate_seed
+from evomerge.workers import JobResult
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+Results = list[tuple[Proposal, float | None]]
 
 
-@dataclass
-class Entry:
-    """A candidate of the generation still being scored."""
+class SearchSpace(BaselineSpace, Protocol):
+    """What the controller needs of a search space, whatever its kind."""
 
-    prop: Proposal
-    number: int | None = None  # its trial, once created
-    docs: dict = field(default_factory=dict)  # racing: per-doc scores of the rounds done
-    passed: int = -1  # racing: the last round whose decision it survived
+    def distributions(self) -> dict: ...
 
-
-def result_of(t: optuna.trial.FrozenTrial) -> float | None:
-    """What the sampler is told of a finished trial: its fitness, a raced-out estimate, or None (FAIL)."""
-    if t.state == TrialState.COMPLETE:
-        return t.value
-    if t.state == TrialState.PRUNED:
-        return t.user_attrs.get("estimate")
-    return None
-
-
-def shards_per_candidate(cfg: ExperimentConfig, workers: int) -> int:
-    """Auto: as many shards as workers, so the end of a generation leaves no worker idle for long."""
-    configured = cfg.resources.shards_per_candidate
-    return max(1, workers if configured is None else configured)
+    def decode(self, params: dict[str, float]) -> Any: ...  # a recipe (its `to_dict()` goes to the workers)
 
 
 class Controller:
     """Runs the candidate search of one study against a worker pool."""
 
-    def __init__(self, cfg: ExperimentConfig, record: StudyRecord, space: DimVector, sampler: GenerationSampler,
+    ledger: Ledger  # the study as this controller sees it, read when `run` starts
+
+    def __init__(self, cfg: ExperimentConfig, record: StudyRecord, space: SearchSpace, sampler: GenerationSampler,
                  pool, *, budget: int | None, minutes: float | None, printer: Callable[[str], None] = print,
                  guard: Callable[[], None] = lambda: None) -> None:
         self.cfg, self.rec, self.space, self.sampler, self.pool = cfg, record, space, sampler, pool
@@ -69,70 +60,33 @@ class Controller:
         self.printer = printer
         self.tasks = cfg.fitness.split_tasks("fitness")
         self.progress = Progress(budget, printer)
-        n = shards_per_candidate(cfg, getattr(pool, "size", 1))
         subset = pool.shards(1)[0]  # the seeded fitness docs, in their seeded order
         self.full_docs = sum(len(v) for v in subset.values())
-        if record.get("fitness_docs") != self.full_docs:
-            record.set("fitness_docs", self.full_docs)
+        if record.get(StudyAttr.FITNESS_DOCS) != self.full_docs:
+            record.set(StudyAttr.FITNESS_DOCS, self.full_docs)
         self.racing = cfg.fitness.racing is not None
-        if self.racing:
-            fractions = cfg.fitness.racing.rounds
-            self.rounds = [deal(docs, n) for docs in round_increments(subset, fractions)]
-        else:
-            self.rounds = [deal(subset, n) if n > 1 else [None]]
+        self.rounds = plan_rounds(cfg, subset, shards_per_candidate(cfg, getattr(pool, "size", 1)))
         self.race = make_race(cfg, sampler, subset, self.rounds)
+        self.distributions = space.distributions()
 
-    # -- bookkeeping ----------------------------------------------------------------------
-    def _candidates(self) -> list[optuna.trial.FrozenTrial]:
-        return [t for t in self.rec.study.get_trials(deepcopy=False) if "generation" in t.user_attrs]
-
-    def _finished_count(self) -> int:
-        return sum(t.state in FINISHED for t in self._candidates())
-
-    def _out_of_budget(self, extra: int = 0) -> bool:
-        if self.budget is not None and self._finished_count() + extra >= self.budget:
-            return True
-        return self.deadline is not None and time.time() >= self.deadline
-
-    def _pause_requested(self) -> bool:
-        return self.rec.get("desired_state") == "paused"
-
-    # -- baselines ------------------------------------------------------------------------
     def run_baselines(self) -> None:
-        """Each source alone and the method's default merge, scored once and kept in the study."""
-        have = self.rec.baselines()
-        jobs = [Job(f"source:{n}", source=n, meta={"kind": "source"}) for n in self._source_names()
-                if n not in have]
-        default = self.space.default_merge()
-        if "default merge" not in have and default is not None:
-            jobs.append(Job("default merge", recipe=default.to_dict(), meta={"kind": "baseline"}))
-        for job in jobs:
-            self.pool.submit(job)
-        for _ in jobs:
-            res = self.pool.next_result()
-            name = res.job.id.removeprefix("source:")
-            if not res.ok:
-                raise RuntimeError(f"baseline {name!r} could not be scored: {res.error}")
-            self.guard()
-            self.rec.add_baseline(name, {"kind": res.job.meta["kind"], "scores": res.scores,
-                                         "fitness": res.fitness, "recipe": res.job.recipe})
-            self.printer(f"baseline {name:>24s}: fitness {res.fitness:.4f}")
-
-    def _source_names(self) -> list[str]:
-        return self.space.baseline_sources()
+        """Each source alone and the space's default merge, scored once and kept in the study."""
+        run_baselines(self.space, self.pool, self.rec, guard=self.guard, printer=self.printer)
 
     # -- the search -----------------------------------------------------------------------
     def run(self) -> str:
         """Search until the budget, a pause request, or the clock stops it; returns the final state."""
-        self._drain_waiting()
-        self.progress.done_before = self._finished_count()
-        for t in self._candidates():
-            if t.state == TrialState.COMPLETE and t.value > self.progress.best:
-                self.progress.best, self.progress.best_trial = t.value, t.number
+        self.guard()
+        close_orphans(self.rec, self.distributions)
+        self.ledger = Ledger(self.rec)
+        self.progress.done_before = self.ledger.finished
+        best = self.ledger.best_when_read
+        if best is not None:
+            self.progress.best, self.progress.best_trial = best.value, best.number
         while not self._out_of_budget():
             if self._pause_requested():
                 return "paused"
-            state = self.rec.get("sampler_state")
+            state = self.rec.get(StudyAttr.SAMPLER_STATE)
             generation = state["generation"] if state else 0
             results = self._run_generation(generation, state)
             if results is None:
@@ -141,186 +95,116 @@ class Controller:
                 return "finished" if self._out_of_budget() else "stopped"
             new_state = self.sampler.update(generation, state, results)
             self.guard()
-            self.rec.set("sampler_state", new_state)
+            self.rec.set(StudyAttr.SAMPLER_STATE, new_state)
             crash_point("update")
         return "finished"
 
-    def _drain_waiting(self) -> None:
-        """Repair what a crash can leave: trials enqueued but never asked become RUNNING (to be
-        re-run), and trials asked from an Optuna sampler but never labelled with their generation
-        are closed as FAIL (their candidate is asked again)."""
-        self.guard()
-        dists = self.space.distributions()
-        while any(t.state == TrialState.WAITING for t in self.rec.study.get_trials(deepcopy=False)):
-            self.rec.study.ask(dists)
-        for t in self.rec.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if "generation" not in t.user_attrs:
-                self._set_trial_attr(t.number, "fail_reason", "orphaned by a controller crash before dispatch")
-                self.rec.study.tell(t.number, state=TrialState.FAIL)
+    def _out_of_budget(self, extra: int = 0) -> bool:
+        """The budget counts finished candidates (and `extra` in flight); the clock, its deadline."""
+        if self.budget is not None and self.ledger.finished + extra >= self.budget:
+            return True
+        return self.deadline is not None and time.time() >= self.deadline
 
-    def _run_generation(self, generation: int, state: dict | None) -> list[tuple[Proposal, float | None]] | None:
+    def _pause_requested(self) -> bool:
+        return self.rec.get(StudyAttr.DESIRED_STATE) == "paused"
+
+    def _run_generation(self, generation: int, state: dict | None) -> Results | None:
         """One generation, round by round (one round unless racing); None when it could not finish."""
-        existing = {t.user_attrs["index"]: t for t in self._candidates()
-                    if t.user_attrs["generation"] == generation}
-        missing = [i for i in range(self.sampler.population) if i not in existing]
+        cands = dict(self.ledger.generation(generation))
+        missing = [i for i in range(self.sampler.population) if i not in cands]
         if self.budget is not None:
-            unfinished = sum(t.state not in FINISHED for t in existing.values())
-            missing = missing[:max(0, self.budget - self._finished_count() - unfinished)]
+            unfinished = sum(not c.phase.finished for c in cands.values())
+            missing = missing[:max(0, self.budget - self.ledger.finished - unfinished)]
         self.guard()
-        proposals = {p.index: p for p in self.sampler.propose(generation, state, self.rec.study, missing)}
-        results: dict[int, float | None] = {}
-        alive: dict[int, Entry] = {}
-        for i in range(self.sampler.population):
-            t = existing.get(i)
-            if t is not None and t.state in FINISHED:
-                results[i] = result_of(t)
-            elif t is not None:
-                alive[i] = Entry(Proposal(i, dict(t.params), t.number), t.number,
-                                 normalized(t.user_attrs.get("race_docs", {})), t.user_attrs.get("race_passed", -1))
-            elif i in proposals:
-                alive[i] = Entry(proposals[i])
+        for p in self.sampler.propose(generation, state, self.rec.study, missing):
+            cands[p.index] = Candidate(generation, p.index, p.params)
         for r, shards in enumerate(self.rounds):
-            todo = [e for _, e in sorted(alive.items()) if self.race.rounds_done(e.docs) == r]
-            if not self._score_round(generation, r, shards, todo, alive, results):
+            todo = [c for _, c in sorted(cands.items()) if not c.phase.finished and self.race.rounds_done(c.docs) == r]
+            if not self._score_round(r, shards, todo, cands):
                 return None
             if r < len(self.rounds) - 1:
-                self._decide(generation, r, alive, results)
-        if len(results) < self.sampler.population:
+                self._decide(r, cands)
+        done = [cands.get(i) for i in range(self.sampler.population)]
+        if any(c is None or not c.phase.finished for c in done):
             return None
-        return [(self._proposal_of(generation, i), results[i]) for i in range(self.sampler.population)]
+        return [(Proposal(c.index, c.params, c.number), c.result) for c in done]
 
-    def _score_round(self, generation: int, r: int, shards: list, todo: list["Entry"],
-                     alive: dict[int, "Entry"], results: dict[int, float | None]) -> bool:
+    def _score_round(self, r: int, shards: list, todo: list[Candidate], cands: dict[int, Candidate]) -> bool:
         """Score round r's docs of every candidate in `todo`, keeping every worker busy."""
-        pending: dict[int, list[JobResult]] = {}  # trial number -> shard results so far
-        by_number: dict[int, Entry] = {}
-        while todo or pending:
+        flight = InFlight(len(shards))
+        while todo or flight:
             while todo and self.pool.free_slots() > 0 and not self._pause_requested():
-                if todo[0].number is None and self._out_of_budget(extra=len(pending)):
+                if todo[0].phase is Phase.PROPOSED and self._out_of_budget(extra=len(flight)):
                     todo.clear()
                     break
-                entry = todo.pop(0)
-                if entry.number is None:
-                    entry.number = self._create_trial(generation, entry.prop)
-                    crash_point("ask")
-                self._dispatch(entry.number, generation, entry.prop, shards, r)
-                pending[entry.number], by_number[entry.number] = [], entry
-            if not pending:
+                c = todo.pop(0)
+                self._dispatch(c, shards, r)
+                flight.add(c)
+            if not flight:
                 break
             crash_point("score")
-            res = self.pool.next_result()
-            parts = pending[res.job.meta["trial"]]
-            parts.append(res)
-            if len(parts) < len(shards):
+            back = flight.receive(self.pool.next_result())
+            if back is None:
                 continue
-            entry = by_number[res.job.meta["trial"]]
-            del pending[entry.number]
-            index = entry.prop.index
+            c, parts = back
             if r == len(self.rounds) - 1 or any(not p.ok for p in parts):
-                results[index] = self._tell(parts, entry.docs)
-                alive.pop(index)
+                self._finish(c, parts)
                 crash_point("tell")
             else:
-                self._record_round(entry, parts)
-        return not todo and all(self.race.rounds_done(e.docs) > r for e in alive.values())
+                self._record_round(c, parts)
+        return not todo and all(self.race.rounds_done(c.docs) > r for c in cands.values() if not c.phase.finished)
 
-    def _record_round(self, entry: "Entry", parts: list[JobResult]) -> None:
+    def _dispatch(self, c: Candidate, shards: list, r: int) -> None:
+        """Ask its trial if it has none yet, then one job per shard, so idle workers can help
+        finish a candidate another worker started."""
+        recipe = self.space.decode(c.params).to_dict()
+        if c.phase is Phase.PROPOSED:
+            self.guard()
+            self.ledger.ask(c, self.distributions, recipe)
+            crash_point("ask")
+        self.ledger.dispatched(c, recipe)
+        for job in round_jobs(self.cfg, c, recipe, shards, r):
+            self.pool.submit(job)
+
+    def _record_round(self, c: Candidate, parts: list[JobResult]) -> None:
         """A racing candidate finished a round that is not its last: keep its per-doc scores."""
         self.guard()
-        entry.docs = merge_docs(entry.docs, combine_parts(parts))
-        self._set_trial_attr(entry.number, "race_docs", entry.docs)
-        self._set_trial_attr(entry.number, "docs_evaluated", docs_count(entry.docs))
-        self.race.report(self.rec, entry.number, combine_parts(parts))
+        this_round = combine_parts(parts)
+        self.ledger.record_round(c, merge_docs(c.docs, this_round))
+        self.race.report(self.rec, c.number, this_round)
         crash_point("round")
 
-    def _decide(self, generation: int, r: int, alive: dict[int, "Entry"], results: dict[int, float | None]) -> None:
+    def _finish(self, c: Candidate, parts: list[JobResult]) -> None:
+        """Its last round is back (or a shard failed): store what it scored, then tell the study."""
+        self.guard()
+        result = combine(parts, c.docs, self.full_docs, self.racing)
+        self.ledger.record_result(c, result)
+        if result.race_docs:
+            self.race.report(self.rec, c.number, combine_parts(parts))
+        value = float("nan") if result.error is not None else fitness_of(result.scores, self.tasks)
+        if result.error is not None or math.isnan(value):
+            reason = "fitness is NaN" if result.error is None else result.error
+            self.ledger.fail(c, reason)
+            self.progress.record(c.generation, c.number, None, reason)
+            return
+        self.ledger.tell(c, value)
+        self.progress.record(c.generation, c.number, value)
+
+    def _decide(self, r: int, cands: dict[int, Candidate]) -> None:
         """After round r: race out who cannot reach the top; the rest are marked as past round r."""
-        undecided = {i: e for i, e in alive.items() if e.passed < r}
+        undecided = {i: c for i, c in cands.items() if not c.phase.finished and not c.survived(r)}
         if not undecided:
             return
-        out = self.race.eliminate(self.rec, r, self._generation_docs(generation, alive),
-                                  {i: e.number for i, e in undecided.items()})
+        # Every candidate of the generation with per-doc scores, finished ones included.
+        docs = {i: c.docs for i, c in cands.items() if c.phase is not Phase.PROPOSED}
+        out = self.race.eliminate(self.rec, r, docs, {i: c.number for i, c in undecided.items()})
         self.guard()
-        for i, entry in sorted(undecided.items()):
+        for i, c in sorted(undecided.items()):
             if i in out:
-                results[i] = self._race_out(generation, r, entry)
-                alive.pop(i)
+                value = estimate(c.docs, self.tasks)
+                self.ledger.prune(c, r, value)
+                self.progress.record(c.generation, c.number, value,
+                                     note=f" (raced out after round {r + 1}, {docs_count(c.docs)} docs)")
                 crash_point("tell")
             else:
-                entry.passed = r
-                self._set_trial_attr(entry.number, "race_passed", r)
-
-    def _generation_docs(self, generation: int, alive: dict[int, "Entry"]) -> dict[int, dict]:
-        """Every candidate of the generation that has per-doc scores, finished ones included."""
-        docs = {t.user_attrs["index"]: normalized(t.user_attrs.get("race_docs", {})) for t in self._candidates()
-                if t.user_attrs["generation"] == generation}
-        docs.update({i: e.docs for i, e in alive.items()})
-        return docs
-
-    def _race_out(self, generation: int, r: int, entry: "Entry") -> float:
-        value = estimate(entry.docs, self.tasks)
-        for key, v in (("raced_out", r), ("estimate", value)):
-            self._set_trial_attr(entry.number, key, v)
-        self.rec.study.tell(entry.number, state=TrialState.PRUNED)
-        self.progress.record(generation, entry.number, value,
-                             note=f" (raced out after round {r + 1}, {docs_count(entry.docs)} docs)")
-        return value
-
-    def _proposal_of(self, generation: int, index: int) -> Proposal:
-        for t in self._candidates():
-            if t.user_attrs["generation"] == generation and t.user_attrs["index"] == index:
-                return Proposal(index, dict(t.params), t.number)
-        raise RuntimeError(f"trial of generation {generation}, index {index} is missing from the study")
-
-    def _create_trial(self, generation: int, prop: Proposal) -> int:
-        self.guard()
-        attrs = {"generation": generation, "index": prop.index}
-        study = self.rec.study
-        if prop.trial is None:
-            study.enqueue_trial(prop.params, user_attrs=attrs)
-            trial = study.ask(self.space.distributions())
-            return trial.number
-        for k, v in attrs.items():
-            self._set_trial_attr(prop.trial, k, v)
-        return prop.trial
-
-    def _dispatch(self, number: int, generation: int, prop: Proposal, shards: list, r: int) -> None:
-        """One job per shard, so idle workers can help finish a candidate another worker started."""
-        recipe = self.space.decode(prop.params).to_dict()
-        if r == 0:
-            self._set_trial_attr(number, "recipe", recipe)
-        seed = candidate_seed(self.cfg, generation, prop.index)
-        for k, shard in enumerate(shards):
-            self.pool.submit(Job(f"trial:{number}/{r}/{k}", recipe=recipe, shard=shard, seed=seed,
-                                 meta={"trial": number, "generation": generation, "index": prop.index}))
-
-    def _set_trial_attr(self, number: int, key: str, value) -> None:
-        self.rec.set_trial_attr(number, key, value)
-
-    def _tell(self, parts: list[JobResult], earlier: dict) -> float | None:
-        """Combine a candidate's shard results (and earlier rounds') and record them on its trial."""
-        first = parts[0]
-        number, generation = first.job.meta["trial"], first.job.meta["generation"]
-        self.guard()
-        failed = [p for p in parts if not p.ok]
-        docs = {} if failed or first.job.shard is None else merge_docs(earlier, combine_parts(parts))
-        scores = first.scores if len(parts) == 1 and first.job.shard is None else (
-            {} if failed else combine_docs([docs]))
-        workers = sorted({p.worker for p in parts if p.worker})
-        evaluated = self.full_docs if first.job.shard is None else docs_count(docs or earlier)
-        for key, value in (("scores", scores), ("worker", ",".join(workers)),
-                           ("seconds", round(sum(p.seconds for p in parts), 4)), ("docs_evaluated", evaluated)):
-            self._set_trial_attr(number, key, value)
-        if self.racing and docs:
-            self._set_trial_attr(number, "race_docs", docs)
-            self.race.report(self.rec, number, combine_parts(parts))
-        value = float("nan") if failed else fitness_of(scores, self.tasks)
-        if failed or math.isnan(value):
-            reason = failed[0].error if failed else "fitness is NaN"
-            self._set_trial_attr(number, "fail_reason", reason)
-            self.rec.study.tell(number, state=TrialState.FAIL)
-            self.progress.record(generation, number, None, reason)
-            return None
-        self.rec.study.tell(number, value)
-        self.progress.record(generation, number, value)
-        return value
+                self.ledger.survived(c, r)

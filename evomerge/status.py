@@ -11,7 +11,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from evomerge.study import StudyRecord, load, open_storage
+from evomerge.ledger import DEFAULT_MERGE, FINISHED, Stored, StudyAttr, best_of, candidate_trials
+from evomerge.study import STUDY_FILE, StudyRecord, load, open_storage
 
 # A controller writes its heartbeat every HEARTBEAT_SECONDS; three missed beats mean it is gone.
 HEARTBEAT_SECONDS = 10.0
@@ -74,7 +75,7 @@ def effective_state(rec: StudyRecord, now: float | None = None) -> str:
     The heartbeat's age comes from the study's lease, stamped and read by the storage's clock;
     studies without one fall back to the controller's own timestamps.
     """
-    state = rec.get("state", "new")
+    state = rec.get(StudyAttr.STATE, "new")
     if state != "running":
         return state
     if controller_dead_here(rec):
@@ -90,13 +91,13 @@ def heartbeat_age(rec: StudyRecord, now: float | None = None) -> float | None:
         row = None
     if row is not None and not row.released:
         return max(0.0, row.beat_age)
-    beat = rec.get("heartbeat")
+    beat = rec.get(StudyAttr.HEARTBEAT)
     return None if beat is None else (now or time.time()) - beat
 
 
 def controller_dead_here(rec: StudyRecord) -> bool:
     """The recorded controller ran on this host and its process no longer exists."""
-    owner = rec.get("controller") or {}
+    owner = rec.get(StudyAttr.CONTROLLER) or {}
     return owner_dead_here(owner)
 
 
@@ -107,30 +108,29 @@ def owner_dead_here(owner: dict) -> bool:
 def docs_summary(rec: StudyRecord, trials=None) -> dict | None:
     """Fitness docs scored by the study's candidates, against scoring every candidate on all of
     them (what racing saves); None for studies that did not record it."""
-    per_candidate = rec.get("fitness_docs")
+    per_candidate = rec.get(StudyAttr.FITNESS_DOCS)
     if trials is None:
-        trials = [t for t in rec.study.get_trials(deepcopy=False) if "generation" in t.user_attrs]
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+        trials = candidate_trials(rec.study)
+    finished = [t for t in trials if t.state in FINISHED]
     if not per_candidate or not finished:
         return None
-    evaluated = sum(int(t.user_attrs.get("docs_evaluated", 0)) for t in finished)
+    evaluated = sum(Stored(t).docs_evaluated for t in finished)
     full = per_candidate * len(finished)
     return {"evaluated": evaluated, "full": full, "saving": round(1 - evaluated / full, 4),
             "raced_out": sum(t.state == TrialState.PRUNED for t in finished)}
 
 
 def study_status(rec: StudyRecord) -> StudyStatus:
-    trials = [t for t in rec.study.get_trials(deepcopy=False) if "generation" in t.user_attrs]
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = max(done, key=lambda t: t.value) if done else None
+    trials = candidate_trials(rec.study)
+    best = best_of(trials)
     sources = {n: b for n, b in rec.baselines().items() if b["kind"] == "source"}
     top = max(sources, key=lambda n: sources[n]["fitness"]) if sources else None
-    default = rec.baselines().get("default merge")
+    default = rec.baselines().get(DEFAULT_MERGE)
     age = heartbeat_age(rec)
     return StudyStatus(
         study=rec.name, storage=rec.storage_url, state=effective_state(rec),
-        trials_done=len(done) + sum(t.state in (TrialState.FAIL, TrialState.PRUNED) for t in trials),
-        trials_failed=sum(t.state == TrialState.FAIL for t in trials), budget=rec.get("budget"),
+        trials_done=sum(t.state in FINISHED for t in trials),
+        trials_failed=sum(t.state == TrialState.FAIL for t in trials), budget=rec.get(StudyAttr.BUDGET),
         best_fitness=best.value if best else None, best_trial=best.number if best else None,
         best_source=top, best_source_fitness=sources[top]["fitness"] if top else None,
         default_merge_fitness=default["fitness"] if default else None,
@@ -140,7 +140,7 @@ def study_status(rec: StudyRecord) -> StudyStatus:
 
 def discover_storages(runs_dir: str | Path = "runs") -> list[str]:
     """SQLite studies under ./runs (the default location), for `evomerge list` without --storage."""
-    return [f"sqlite:///{p.resolve()}" for p in sorted(Path(runs_dir).glob("*/study.db"))]
+    return [f"sqlite:///{p.resolve()}" for p in sorted(Path(runs_dir).glob(f"*/{STUDY_FILE}"))]
 
 
 def list_studies(storages: list[str]) -> list[StudyStatus]:

@@ -2,7 +2,8 @@
 
 Optuna keeps trials and parameters; evomerge keeps beside them, as study user attributes, the
 experiment snapshot, the sampler state, the baselines, the controller state and heartbeat, so
-a study can be resumed, paused or inspected with nothing but its storage URL.
+a study can be resumed, paused or inspected with nothing but its storage URL. What those
+attributes are called and hold is `evomerge.ledger`'s.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
+
+from evomerge.ledger import StudyAttr
 
 PREFIX = "evomerge:"
 
@@ -22,11 +26,29 @@ class StudyError(RuntimeError):
     """The study cannot be opened or is in a state that forbids the action."""
 
 
+STUDY_FILE = "study.db"
+
+
+def study_db(name: str, runs_dir: str | Path = "runs") -> Path:
+    """Where a study given no storage lives: RUNS_DIR/NAME/study.db (the one place that says so)."""
+    return Path(runs_dir) / name / STUDY_FILE
+
+
 def default_storage(name: str, runs_dir: str | Path = "runs", *, create: bool = True) -> str:
-    path = (Path(runs_dir) / name / "study.db").resolve()
+    """The storage URL of the study's default SQLite file; `create` makes its directory."""
+    path = study_db(name, runs_dir).resolve()
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def existing_default_storage(name: str, runs_dir: str | Path = "runs") -> str:
+    """The default storage of a study that must already exist (every command that reads one)."""
+    db = study_db(name, runs_dir)
+    if not db.exists():
+        raise StudyError(f"no study {name!r} under {runs_dir} (looked for {db}); give --storage URL "
+                         "(storage=URL from Python)")
+    return default_storage(name, runs_dir, create=False)
 
 
 def journal_path(url: str) -> str | None:
@@ -130,7 +152,8 @@ class StudyRecord:
     storage_url: str
     storage: optuna.storages.BaseStorage | None = field(default=None, repr=False, compare=False)
     _lease: Any = field(default=None, repr=False, compare=False)
-    _trial_ids: dict = field(default_factory=dict, repr=False, compare=False)
+    _trial_ids: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
+    _study_id: int | None = field(default=None, repr=False, compare=False)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.study.user_attrs.get(PREFIX + key, default)
@@ -142,11 +165,37 @@ class StudyRecord:
     def name(self) -> str:
         return self.study.study_name
 
+    @property
+    def study_id(self) -> int:
+        """The study's id in its storage, asked once (Optuna's public storage API)."""
+        if self._study_id is None:
+            self._study_id = self.storage.get_study_id_from_name(self.name)
+        return self._study_id
+
     def _trial_id(self, number: int) -> int:
         if number not in self._trial_ids:
-            study_id = self.storage.get_study_id_from_name(self.name)
-            self._trial_ids[number] = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+            self._trial_ids[number] = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
         return self._trial_ids[number]
+
+    def new_trial(self, template: optuna.trial.FrozenTrial, expected: int) -> int:
+        """Create a trial from `template` (state, parameters, user attributes) in one storage
+        transaction (`study.ask` would write each parameter on its own); returns its number.
+
+        Optuna numbers a study's trials consecutively, so the caller, the study's one writer, knows
+        the number it gets (`expected`); a light look-up confirms it, and only if another process
+        added a trial meanwhile is the trial read back for its number.
+        """
+        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+        number = expected
+        if self.storage.get_trial_id_from_study_id_trial_number(self.study_id, expected) != trial_id:
+            number = self.storage.get_trial_number_from_id(trial_id)
+        self._trial_ids[number] = trial_id
+        return number
+
+    def finish_trial(self, number: int, state: TrialState, value: float | None = None) -> None:
+        """Close a RUNNING trial as COMPLETE (with its value) or FAIL, in one write: what
+        `study.tell` stores, without reading the trial back first."""
+        self.storage.set_trial_state_values(self._trial_id(number), state, None if value is None else [value])
 
     def set_trial_attr(self, number: int, key: str, value: Any) -> None:
         """Set a user attribute on any trial by number (Optuna's Trial object is gone after a resume)."""
@@ -157,7 +206,7 @@ class StudyRecord:
         self.storage.set_trial_intermediate_value(self._trial_id(number), step, value)
 
     def heartbeat(self) -> None:
-        self.set("heartbeat", time.time())
+        self.set(StudyAttr.HEARTBEAT, time.time())
 
     @property
     def lease(self):
@@ -170,13 +219,13 @@ class StudyRecord:
         return self._lease
 
     def baselines(self) -> dict[str, dict]:
-        return dict(self.get("baselines", {}))
+        return dict(self.get(StudyAttr.BASELINES, {}))
 
     def add_baseline(self, name: str, record: dict) -> None:
         # Re-read before writing: the attribute is one JSON value, written by one controller.
         current = self.baselines()
         current[name] = record
-        self.set("baselines", current)
+        self.set(StudyAttr.BASELINES, current)
 
 
 def exists(name: str, storage_url: str) -> bool:

@@ -14,7 +14,8 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from evomerge.study import StudyRecord
+from evomerge.ledger import TrialAttr
+from evomerge.study import StudyRecord, existing_default_storage, load
 
 PARAM_PREFIX = "param:"
 SCORE_PREFIX = "score:"
@@ -28,8 +29,8 @@ class TrialsError(ValueError):
 
 def _duration(t: optuna.trial.FrozenTrial) -> float:
     """The worker's own seconds when recorded; else the storage's start-to-complete time."""
-    if "seconds" in t.user_attrs:
-        return float(t.user_attrs["seconds"])
+    if TrialAttr.SECONDS in t.user_attrs:
+        return float(t.user_attrs[TrialAttr.SECONDS])
     if t.datetime_start and t.datetime_complete:
         return (t.datetime_complete - t.datetime_start).total_seconds()
     return math.nan
@@ -40,17 +41,17 @@ def _row(t: optuna.trial.FrozenTrial) -> dict:
     row = {
         "number": t.number,
         "state": t.state.name,
-        "generation": attrs.get("generation"),
-        "index": attrs.get("index"),
+        "generation": attrs.get(TrialAttr.GENERATION),
+        "index": attrs.get(TrialAttr.INDEX),
         "fitness": t.value if t.state == TrialState.COMPLETE else math.nan,
         "duration": _duration(t),
-        "worker": attrs.get("worker"),
-        "fail_reason": attrs.get("fail_reason"),
+        "worker": attrs.get(TrialAttr.WORKER),
+        "fail_reason": attrs.get(TrialAttr.FAIL_REASON),
         "datetime_start": t.datetime_start,
         "datetime_complete": t.datetime_complete,
     }
     row.update({PARAM_PREFIX + k: float(v) for k, v in t.params.items()})
-    for task, metrics in (attrs.get("scores") or {}).items():
+    for task, metrics in (attrs.get(TrialAttr.SCORES) or {}).items():
         for metric, value in metrics.items():
             row[f"{SCORE_PREFIX}{task}:{metric}"] = math.nan if value is None else float(value)
     return row
@@ -80,19 +81,7 @@ def trials_table(study: str | StudyRecord, storage: str | None = None) -> pd.Dat
     """The table of a study given by name (and storage URL, default ./runs/NAME/study.db) or record."""
     if isinstance(study, StudyRecord):
         return trials_frame(study.study)
-    from evomerge.study import load
-
-    return trials_frame(load(study, storage or default_storage_url(study)).study)
-
-
-def default_storage_url(study: str) -> str:
-    """The SQLite file `evomerge run` creates for a study with no storage given."""
-    from evomerge.study import StudyError
-
-    db = Path("runs") / study / "study.db"
-    if not db.exists():
-        raise StudyError(f"no study {study!r} under ./runs (looked for {db}); give storage=URL / --storage URL")
-    return f"sqlite:///{db.resolve()}"
+    return trials_frame(load(study, storage or existing_default_storage(study)).study)
 
 
 def candidates(df: pd.DataFrame) -> pd.DataFrame:

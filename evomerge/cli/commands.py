@@ -56,14 +56,11 @@ def _storage_for(study: str | None, storage: str | None) -> str:
     """--storage, else the default SQLite file of that study under ./runs."""
     if storage:
         return storage
-    from evomerge.study import StudyError
+    from evomerge.study import StudyError, existing_default_storage
 
     if study is None:
         raise StudyError("give --storage URL (or a study name whose study lives in ./runs/NAME/study.db)")
-    db = Path("runs") / study / "study.db"
-    if not db.exists():
-        raise StudyError(f"no study {study!r} under ./runs; give --storage URL")
-    return f"sqlite:///{db.resolve()}"
+    return existing_default_storage(study)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -123,19 +120,14 @@ def _measured_seconds(cfg, storage: str | None) -> float | None:
     """Median wall seconds per candidate of the study, when it already has trials."""
     import statistics
 
-    from evomerge.study import StudyError, load
+    from evomerge.ledger import candidate_trials
+    from evomerge.study import StudyError, existing_default_storage, load
 
-    url = storage or cfg.storage
-    if url is None:
-        db = Path("runs") / cfg.name / "study.db"
-        url = f"sqlite:///{db.resolve()}" if db.exists() else None
-    if url is None:
-        return None
     try:
-        trials = load(cfg.name, url).study.get_trials(deepcopy=False)
+        trials = candidate_trials(load(cfg.name, storage or cfg.storage or existing_default_storage(cfg.name)).study)
     except StudyError:
         return None
-    secs = [t.duration.total_seconds() for t in trials if t.duration and "generation" in t.user_attrs]
+    secs = [t.duration.total_seconds() for t in trials if t.duration]
     return statistics.median(secs) if secs else None
 
 

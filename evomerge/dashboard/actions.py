@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 
 from evomerge.dashboard.data import Storages, StudyRef, trial_recipe
 from evomerge.dashboard.security import DashboardError, inside_root
+from evomerge.ledger import StudyAttr
 from evomerge.status import effective_state
 from evomerge.study import run_dir_for
 
@@ -129,7 +130,7 @@ class Actions:
 
     def pause(self, ref: StudyRef) -> str:
         rec = self.storages.record(ref)
-        rec.set("desired_state", "paused")
+        rec.set(StudyAttr.DESIRED_STATE, "paused")
         state = effective_state(rec)
         if state == "running":
             return (f"pause requested for {ref.name!r}: its controller finishes the candidates in flight, "
@@ -148,12 +149,12 @@ class Actions:
     def resume(self, ref: StudyRef) -> Job:
         """Start the study's controller, unless one is running or starting already."""
         rec = self.storages.record(ref)
-        if rec.get("config") is None:
+        if rec.get(StudyAttr.CONFIG) is None:
             raise ActionRefused(f"study {ref.name!r} was not made by evomerge (no experiment snapshot); "
                                 "there is nothing to resume it with")
         for other, other_rec in [(ref, rec), *self._stages_beside(ref, rec)]:
             if effective_state(other_rec) == "running":
-                owner = other_rec.get("controller") or {}
+                owner = other_rec.get(StudyAttr.CONTROLLER) or {}
                 raise ActionRefused(f"study {other.name!r} is running (controller on host {owner.get('host')}, "
                                     f"pid {owner.get('pid')}); pause it first, or wait for it to finish")
         starting = [j for j in self.jobs.of(ref, "resume") if j.running]
@@ -167,7 +168,7 @@ class Actions:
 
     def _stages_beside(self, ref: StudyRef, rec) -> list:
         """The other stage studies of the same hybrid run: resuming one stage resumes the run."""
-        run = (rec.get("hybrid") or {}).get("study")
+        run = (rec.get(StudyAttr.HYBRID) or {}).get("study")
         if run is None:
             return []
         out = []
@@ -175,7 +176,7 @@ class Actions:
             if name != ref.name and name.startswith(run + "."):
                 other = self.storages.ref(ref.index, name)
                 other_rec = self.storages.record(other)
-                if (other_rec.get("hybrid") or {}).get("study") == run:
+                if (other_rec.get(StudyAttr.HYBRID) or {}).get("study") == run:
                     out.append((other, other_rec))
         return out
 

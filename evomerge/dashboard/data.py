@@ -12,9 +12,10 @@ import threading
 from dataclasses import dataclass, field
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from evomerge.fitness import FitnessError, metric_value
+from evomerge.ledger import Stored, StudyAttr, best_of, candidate_trials
 from evomerge.status import StudyStatus, study_status
 from evomerge.study import StudyRecord, open_storage
 
@@ -135,7 +136,7 @@ class Storages:
 def study_row(storages: Storages, ref: StudyRef, rec: StudyRecord | None = None) -> StudyRow:
     rec = rec or storages.record(ref)
     return StudyRow(ref=ref, status=study_status(rec), optuna_id=storages.optuna_id(ref),
-                    started=rec.get("started"), heartbeat=rec.get("heartbeat"))
+                    started=rec.get(StudyAttr.STARTED), heartbeat=rec.get(StudyAttr.HEARTBEAT))
 
 
 def list_rows(storages: Storages) -> tuple[list[StudyRow], list[StorageError]]:
@@ -147,18 +148,6 @@ def list_rows(storages: Storages) -> tuple[list[StudyRow], list[StorageError]]:
         except Exception as exc:
             errors.append(StorageError(index, url, str(exc)))
     return rows, errors
-
-
-def candidates(rec: StudyRecord) -> list[FrozenTrial]:
-    """The search's trials (the controller tags each with its generation), in trial order."""
-    trials = [t for t in rec.study.get_trials(deepcopy=False) if "generation" in t.user_attrs]
-    return sorted(trials, key=lambda t: t.number)
-
-
-def best_of(trials: list[FrozenTrial]) -> FrozenTrial | None:
-    """Highest fitness; ties go to the earlier trial, as in the run's summary."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    return max(done, key=lambda t: (t.value, -t.number)) if done else None
 
 
 def _task_value(scores: dict, task: str, metric: str) -> float | None:
@@ -190,26 +179,26 @@ def _param_ranges(config: dict) -> dict[str, tuple[float, float]]:
 
 def study_page(storages: Storages, ref: StudyRef) -> StudyPage:
     rec = storages.record(ref)
-    config = rec.get("config") or {}
-    trials = candidates(rec)
+    config = rec.get(StudyAttr.CONFIG) or {}
+    trials = candidate_trials(rec.study)
     best = best_of(trials)
     baselines = rec.baselines()
     evolved = f"evolved (trial {best.number})" if best else None
     fit_models = {n: b.get("scores") or {} for n, b in baselines.items()}
     if best:
-        fit_models[evolved] = best.user_attrs.get("scores") or {}
-    cached = rec.get("test_scores") or {}
+        fit_models[evolved] = Stored(best).scores
+    cached = rec.get(StudyAttr.TEST_SCORES) or {}
     test_models = {n: cached[f"test:{n}"] for n in [*baselines, evolved] if n and f"test:{n}" in cached}
     test_tasks = _tasks(config, "test")
     return StudyPage(
         row=study_row(storages, ref, rec),
-        desired_state=rec.get("desired_state"),
-        controller=rec.get("controller") or {},
-        hybrid={k: v for k, v in (rec.get("hybrid") or {}).items() if k != "config"} or None,
+        desired_state=rec.get(StudyAttr.DESIRED_STATE),
+        controller=rec.get(StudyAttr.CONTROLLER) or {},
+        hybrid={k: v for k, v in (rec.get(StudyAttr.HYBRID) or {}).items() if k != "config"} or None,
         points=[TrialPoint(t.number, t.value if t.state == TrialState.COMPLETE else None)
                 for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)],
         best=TrialPoint(best.number, best.value) if best else None,
-        best_recipe=best.user_attrs.get("recipe") if best else None,
+        best_recipe=Stored(best).recipe if best else None,
         fitness_scores=score_table(_tasks(config, "fitness"), fit_models),
         test_scores=score_table(test_tasks, test_models) if test_models and test_tasks else None,
         param_ranges=_param_ranges(config),
@@ -218,9 +207,9 @@ def study_page(storages: Storages, ref: StudyRef) -> StudyPage:
 
 def trial_recipe(storages: Storages, ref: StudyRef, number: int | None) -> tuple[int, dict]:
     """The recipe stored on trial `number` (default: the best), for download as YAML."""
-    trials = candidates(storages.record(ref))
+    trials = candidate_trials(storages.record(ref).study)
     trial = best_of(trials) if number is None else next((t for t in trials if t.number == number), None)
-    if trial is None or "recipe" not in trial.user_attrs:
+    if trial is None or Stored(trial).recipe is None:
         which = "a best trial" if number is None else f"trial {number} with a recipe"
         raise NotFound(f"study {ref.name!r} has no {which} yet")
-    return trial.number, trial.user_attrs["recipe"]
+    return trial.number, Stored(trial).recipe

@@ -54,7 +54,7 @@ def racing_settings(override: dict | None = None) -> dict:
 
 def finished_in_order(trials) -> list:
     """The search's finished trials (baselines are not trials) in order of completion."""
-    from evomerge.search import FINISHED
+    from evomerge.ledger import FINISHED
 
     done = [t for t in trials if t.state in FINISHED and "generation" in t.user_attrs]
     return sorted(done, key=lambda t: (t.datetime_complete, t.number))
