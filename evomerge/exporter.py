@@ -32,7 +32,7 @@ from typing import Any, Callable
 import yaml
 
 from evomerge.kinds import BuildOptions, Built, RecipeError, check_recipe, kind_of, kind_of_recipe, recipe_from_dict
-from evomerge.ledger import Stored, StudyAttr, best_trial, is_candidate
+from evomerge.ledger import Stored, StudyAttr, TrialAttr, best_trial, is_candidate
 from evomerge.output_dir import ExportError, StagedOutput, check_out_dir, write_checkpoint
 from evomerge.refs import SourceRef
 from evomerge.sources import read_config, resolve_path, weight_files
@@ -138,7 +138,7 @@ def check_study_sources(rec, refs: list[SourceRef], current: dict, allow_pickle:
         check_fingerprints({n: stored[n] for n in current if n in stored}, current,
                            made_by=f"study {rec.name!r} scored", way_out=way_out)
         return
-    started = rec.get("started")
+    started = rec.get(StudyAttr.STARTED)
     if started is None:
         return
     for ref in refs:
@@ -294,13 +294,13 @@ def export_study(study: str, storage: str | None = None, trial: int | None = Non
 
     url = storage or existing_default_storage(study)
     rec = load(study, url)
-    if rec.get("config") is None:
+    if rec.get(StudyAttr.CONFIG) is None:
         raise ExportError(f"study {study!r} in {url} was not made by evomerge (no experiment snapshot)")
-    cfg = config_from_dict(rec.get("config"), where=f"snapshot of {study!r}")
+    cfg = config_from_dict(rec.get(StudyAttr.CONFIG), where=f"snapshot of {study!r}")
     t = pick_trial(rec, trial)
     check_out_dir(out, force)
     opts = BuildOptions(device, cfg.allow_pickle, cfg.trust_remote_code)
-    recipe_dict = t.user_attrs["recipe"]
+    recipe_dict = t.user_attrs[TrialAttr.RECIPE]
     recipe = parse_recipe(recipe_dict, opts.allow_pickle)
     printer("hashing the source weights (sha256, cached per file) ...")
     prints = fingerprints(recipe_refs(recipe), opts.allow_pickle)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from evomerge.ledger import StudyAttr, TrialAttr
 from evomerge.methods import METHODS
 from evomerge.trial_table import candidates, trials_frame
 
@@ -69,7 +70,7 @@ class CardData:
 def search_info(rec, cfg, table: pd.DataFrame) -> SearchInfo:
     cand = candidates(table)
     ends = cand["datetime_complete"].dropna()
-    started = rec.get("started")
+    started = rec.get(StudyAttr.STARTED)
     wall = None
     if started is not None and len(ends):
         wall = max(0.0, ends.max().to_pydatetime().timestamp() - float(started))  # naive = local, as Optuna
@@ -78,8 +79,8 @@ def search_info(rec, cfg, table: pd.DataFrame) -> SearchInfo:
         population=int(cand["index"].max()) + 1 if len(cand) else cfg.optimizer.population,
         generations=int(cand["generation"].max()) + 1 if len(cand) else 0,
         trials=len(cand), complete=int((cand["state"] == "COMPLETE").sum()),
-        failed=int((cand["state"] == "FAIL").sum()), budget=rec.get("budget"), wall_seconds=wall,
-        worker_seconds=float(cand["duration"].fillna(0).sum()), state=rec.get("state"),
+        failed=int((cand["state"] == "FAIL").sum()), budget=rec.get(StudyAttr.BUDGET), wall_seconds=wall,
+        worker_seconds=float(cand["duration"].fillna(0).sum()), state=rec.get(StudyAttr.STATE),
     )
 
 
@@ -96,8 +97,8 @@ def score_rows(cfg, rec, trial) -> list[dict]:
     name = f"evolved (trial {trial.number})"
     rows = [r for r in build_summary(cfg, rec, pool=None)["rows"] if r["kind"] != "evolved"]
     row = {"name": name, "kind": "evolved"}
-    for split, scores in (("fitness", trial.user_attrs.get("scores", {})),
-                          ("test", rec.get("test_scores", {}).get(f"test:{name}"))):
+    for split, scores in (("fitness", trial.user_attrs.get(TrialAttr.SCORES, {})),
+                          ("test", rec.get(StudyAttr.TEST_SCORES, {}).get(f"test:{name}"))):
         if scores is not None:
             row[split] = row_scores(scores, cfg.fitness.split_tasks(split))
     baselines = rec.baselines()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from evomerge.fitness import resolve_metric
+from evomerge.ledger import TrialAttr
 from evomerge.workers import candidate_seed
 
 SAME_REL_TOL, SAME_ABS_TOL = 1e-6, 1e-9  # float noise (another device, batch order), not a change
@@ -35,11 +36,11 @@ def rescore_export(cfg, trial, checkpoint: Path, dtype: str, device: str,
                                                  trust_remote_code=cfg.trust_remote_code)
     model = model.to(dev).eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=cfg.trust_remote_code)
-    got = evaluator.evaluate(model, tok, seed=candidate_seed(cfg, trial.user_attrs["generation"],
-                                                            trial.user_attrs["index"]))
+    got = evaluator.evaluate(model, tok, seed=candidate_seed(cfg, trial.user_attrs[TrialAttr.GENERATION],
+                                                            trial.user_attrs[TrialAttr.INDEX]))
     del model
     gc.collect()
-    recorded = trial.user_attrs.get("scores") or {}
+    recorded = trial.user_attrs.get(TrialAttr.SCORES) or {}
     tasks = []
     for t in cfg.fitness.split_tasks("fitness"):
         mine = got.scores.get(t.task, {})

@@ -84,7 +84,7 @@ def resolve_settings(cfg: ExperimentConfig, opts: RunOptions, stored: dict | Non
 
 def _check_stored_config(rec: StudyRecord, cfg: ExperimentConfig, resume: bool) -> str | None:
     """A changed experiment is refused unless --resume; returns the diff to report when accepted."""
-    stored = rec.get("config")
+    stored = rec.get(StudyAttr.CONFIG)
     if stored is None or stored == cfg.snapshot():
         return None
     diff = config_diff(stored, cfg.snapshot())
@@ -123,7 +123,7 @@ def claim(rec: StudyRecord, takeover: bool) -> int:
     if epoch is None:
         raise StudyError(f"study {rec.name!r} was claimed by another controller at the same moment; "
                          f"see `evomerge status {rec.name}`")
-    rec.set("controller", controller_identity())
+    rec.set(StudyAttr.CONTROLLER, controller_identity())
     return epoch
 
 
@@ -194,13 +194,13 @@ def resume_study(name: str, storage: str, opts: RunOptions = RunOptions(),
         rec = load(name, storage)
     except StudyError:
         rec = _first_stage_of(name, storage)
-    hybrid = rec.get("hybrid")
+    hybrid = rec.get(StudyAttr.HYBRID)
     if hybrid is not None:
 
         opts.study, opts.storage, opts.resume = hybrid["study"], storage, True
         return run_stages(config_from_dict(hybrid["config"], where=f"snapshot of {hybrid['study']!r}"), opts,
                           run_experiment, printer)
-    snapshot = rec.get("config")
+    snapshot = rec.get(StudyAttr.CONFIG)
     if snapshot is None:
         raise StudyError(f"study {name!r} in {storage} was not made by evomerge (no experiment snapshot)")
     opts.study, opts.storage, opts.resume = name, storage, True
@@ -216,7 +216,7 @@ def _first_stage_of(name: str, storage: str) -> StudyRecord:
     for summary in optuna.get_all_study_summaries(open_storage(storage, create=False), include_best_trial=False):
         if summary.study_name.startswith(name + "."):
             rec = load(summary.study_name, storage)
-            if (rec.get("hybrid") or {}).get("study") == name:
+            if (rec.get(StudyAttr.HYBRID) or {}).get("study") == name:
                 return rec
     return load(name, storage)  # raises the usual "no study" error
 
@@ -299,16 +299,16 @@ def _adopt(rec: StudyRecord, cfg: ExperimentConfig, opts: RunOptions, settings: 
     if diff:
         printer(f"continuing {rec.name!r} with a changed experiment:\n{diff}")
     if opts.hybrid is not None:
-        rec.set("hybrid", opts.hybrid)
+        rec.set(StudyAttr.HYBRID, opts.hybrid)
     record_source_fingerprints(rec, cfg, printer)
-    rec.set("config", cfg.snapshot())
-    rec.set("fingerprint", cfg.fingerprint())
+    rec.set(StudyAttr.CONFIG, cfg.snapshot())
+    rec.set(StudyAttr.FINGERPRINT, cfg.fingerprint())
     rec.set(StudyAttr.SETTINGS, settings.as_dict())
-    rec.set("budget", settings.budget)
-    rec.set("state", "running")
-    rec.set("desired_state", "running")
-    if rec.get("started") is None:
-        rec.set("started", time.time())
+    rec.set(StudyAttr.BUDGET, settings.budget)
+    rec.set(StudyAttr.STATE, "running")
+    rec.set(StudyAttr.DESIRED_STATE, "running")
+    if rec.get(StudyAttr.STARTED) is None:
+        rec.set(StudyAttr.STARTED, time.time())
 
 
 def _finish(rec: StudyRecord, epoch: int, state: str) -> None:
@@ -316,7 +316,7 @@ def _finish(rec: StudyRecord, epoch: int, state: str) -> None:
     row = rec.lease.read()
     if row is None or row.epoch != epoch:
         return
-    rec.set("state", state)
+    rec.set(StudyAttr.STATE, state)
     rec.lease.release(epoch)
 
 

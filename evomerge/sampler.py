@@ -44,6 +44,7 @@ from cmaes import CMA
 from optuna.trial import TrialState
 
 from evomerge.dims import DimVector
+from evomerge.ledger import TrialAttr
 from evomerge.sampler_registry import SamplerError, constructor_args, sampler_class, sampler_spec
 
 
@@ -171,8 +172,8 @@ class OptunaSampler:
             storage.set_study_system_attr(scratch_id, key, value)
         scratch = optuna.load_study(study_name="proposals", storage=storage)
         earlier = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                          if t.user_attrs.get("generation", generation) < generation),
-                         key=lambda t: (t.user_attrs["generation"], t.user_attrs["index"]))
+                          if t.user_attrs.get(TrialAttr.GENERATION, generation) < generation),
+                         key=lambda t: (t.user_attrs[TrialAttr.GENERATION], t.user_attrs[TrialAttr.INDEX]))
         scratch.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions,
                                                       value=t.value) for t in earlier])
         dists = self.space.distributions()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from evomerge.config import BEST_OF, ExperimentConfig
+from evomerge.ledger import TrialAttr
 from evomerge.report import best_trial, format_table, write_summary
 from evomerge.study import default_storage, load, run_dir_for
 
@@ -73,7 +74,7 @@ def run_stages(cfg: ExperimentConfig, opts, run_one: Callable[..., dict], printe
         if _needed_later(cfg, i):
             best = best_trial(load(name, storage))
             out = run_dir_for(storage, study) / "stages" / stage.name / "best"
-            best_paths[stage.name] = str(save_best_checkpoint(stage_cfg, best.user_attrs["recipe"], out))
+            best_paths[stage.name] = str(save_best_checkpoint(stage_cfg, best.user_attrs[TrialAttr.RECIPE], out))
     combined.update(study=study, storage=storage, state="finished")
     path = write_summary(combined, run_dir_for(storage, study))
     printer("\n== hybrid result ==\n" + format_table(combined) + f"\n\nsummary: {path}")

@@ -21,10 +21,10 @@ LAYERS: list[tuple[str, list[str]]] = [
               "lm_eval_compat", "toy"]),
     ("building blocks", ["method_registry", "merge_ops", "task_vectors", "methods", "sources", "evaluate",
                          "fitness", "racing", "sampler_registry", "sampler",
-                         "samplers", "storage", "study", "lease", "ledger", "status"]),
+                         "study", "lease", "ledger", "status"]),
     ("kinds", ["kinds"]),
     ("config", ["config"]),
-    ("orchestration", ["output_dir", "workers", "controller", "baselines", "dispatch", "search", "report", "plan", "preflight",
+    ("orchestration", ["output_dir", "workers", "baselines", "dispatch", "search", "report", "plan", "preflight",
                        "runner", "stages", "rescore", "exporter", "modelcard", "trial_table"]),
     ("interfaces", ["cli", "dashboard", ""]),  # "": the package itself, the public API
 ]

@@ -72,10 +72,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
+    from evomerge.ledger import StudyAttr
     from evomerge.study import load
 
     rec = load(args.study_name, _storage_for(args.study_name, args.storage))
-    rec.set("desired_state", "paused")
+    rec.set(StudyAttr.DESIRED_STATE, "paused")
     print(f"pause requested for {args.study_name!r}: its controller finishes the candidates in flight, "
           "records them, and exits. Continue later with `evomerge resume`.")
     return 0

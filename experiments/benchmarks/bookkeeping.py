@@ -129,7 +129,7 @@ def _config(budget: int) -> dict:
 def _search(rec: StudyRecord, budget: int, storage_clock: Clock, controller=Controller) -> dict:
     """Run the controller to `budget` trials; per-trial finish times and the time in each part."""
     cfg = config_from_dict(_config(budget))
-    space = cfg.space(num_layers=LAYERS)
+    space = cfg.space(LAYERS)
     sampler = make_sampler("cmaes", space, 0, POPULATION, WORKERS)
     lease_clock = Clock()
     guard = lease_clock.wrap(Heartbeat(rec, claim(rec, takeover=False)).guard)
@@ -182,7 +182,7 @@ def main(trials: int = 5000, window: int = 500, printer: Callable[[str], None] =
         printer(f"  {trials} trials in {total:.0f} s; baseline: {window} more with a scan per budget check ...")
         old = _per_trial(_search(rec, trials + window, clock, ScanningController)["stamps"], window)
         cfg = config_from_dict(_config(trials))
-        ask_tell = _optuna_ask_tell(rec.study, cfg.space(num_layers=LAYERS).distributions(), min(window, 200))
+        ask_tell = _optuna_ask_tell(rec.study, cfg.space(LAYERS).distributions(), min(window, 200))
     where = f"SQLite, at {trials} trials, {run['params']} parameters"
     per = f"ms per trial (last {window} trials)"
     return [
