@@ -29,4 +29,4 @@ class SourceRef:
     def from_dict(cls, d: object, where: str, error: type[Exception] = ValueError) -> "SourceRef":
         if not isinstance(d, dict) or "name" not in d or "path" not in d:
             raise error(f"{where} must be a mapping with 'name' and 'path', got {d!r}")
-        return cls(str(d["name"]), str(d["path"]), d.get("revision"))
+        return cls(name=str(d["name"]), path=str(d["path"]), revision=d.get("revision"))

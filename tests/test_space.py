@@ -4,6 +4,7 @@ methods, round trips through YAML and JSON."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -68,4 +69,16 @@ def test_recipe_with_wrong_group_count_is_rejected(tiny_world):
     d = recipe.to_dict()
     d["parameters"]["weight"]["a"] = d["parameters"]["weight"]["a"][:2]
     with pytest.raises(RecipeError, match="one per group"):
+        recipe_from_dict(d)
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("granularity", {"kind": "bogus"}, "Granularity is malformed (kind:"),
+    ("sources", [{"name": "a", "path": "/a", "revision": 3}, {"name": "b", "path": "/b"}], "revision:"),
+    ("num_layers", "many", "recipe is malformed"),
+])
+def test_a_malformed_recipe_field_is_a_recipe_error_naming_it(tiny_world, field, value, named):
+    d = tiny_space(tiny_world).default_recipe().to_dict()
+    d[field] = value
+    with pytest.raises(RecipeError, match=re.escape(named)):
         recipe_from_dict(d)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Union
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from evomerge.kinds.base import (RECIPE_VERSION, BuildOptions, Built, Kind, MemoryInputs, RecipeError, SpaceContext,
                                  WorkerContext)
@@ -53,7 +53,17 @@ def recipe_from_dict(d: Any):
     if not isinstance(d["evomerge_recipe"], int) or d["evomerge_recipe"] > RECIPE_VERSION:
         raise RecipeError(f"recipe version {d['evomerge_recipe']!r} is newer than this evomerge "
                           f"understands ({RECIPE_VERSION}); upgrade evomerge")
-    return kind_of_recipe(d).parse_recipe(d)
+    try:
+        return kind_of_recipe(d).parse_recipe(d)
+    except RecipeError:
+        raise
+    except ValidationError as exc:  # a source reference or the granularity, checked by its schema
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+        raise RecipeError(f"recipe: its {exc.title} is malformed ({problems}); fix that field (a recipe.yaml "
+                          "written by `evomerge export` shows every field)") from None
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"recipe is malformed: {exc}; fix that field (a recipe.yaml written by `evomerge "
+                          "export` shows every field)") from None
 
 
 def check_recipe(recipe) -> None:

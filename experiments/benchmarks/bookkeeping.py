@@ -23,7 +23,6 @@ size, not an average from an empty study):
 from __future__ import annotations
 
 import collections
-import functools
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from evomerge.sampler import make_sampler
 from evomerge.search import Controller
 from evomerge.study import StudyRecord, create_or_load
 from evomerge.workers import Job, JobResult
+from experiments.benchmarks.common import OutermostClock
 
 TASK = "sim_task"
 DOCS = 48
@@ -76,27 +76,8 @@ class InstantPool:
         pass
 
 
-class Clock:
+class Clock(OutermostClock):
     """Seconds spent inside the wrapped callables (nested calls counted once)."""
-
-    def __init__(self) -> None:
-        self.seconds, self._depth = 0.0, 0
-        self.by_name: dict[str, float] = collections.defaultdict(float)  # outermost calls, by callable
-
-    def wrap(self, fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            self._depth += 1
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._depth -= 1
-                if self._depth == 0:
-                    spent = time.perf_counter() - start
-                    self.seconds += spent
-                    self.by_name[fn.__name__] += spent
-        return timed
 
     def storage(self, storage: BaseStorage) -> None:
         """Time every public storage method of this storage object (the study calls them too)."""

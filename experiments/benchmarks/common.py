@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import collections
+import functools
 import math
 import statistics
 import time
 from typing import Callable, Sequence
 
 import torch
+
+
+class OutermostClock:
+    """Seconds and calls inside the callables it wraps, counting a nested call (a generate that
+    calls forward, a storage method that calls another) once, by outermost callable."""
+
+    def __init__(self) -> None:
+        self.seconds, self.calls, self._depth = 0.0, 0, 0
+        self.by_name: dict[str, float] = collections.defaultdict(float)
+
+    def wrap(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    spent = time.perf_counter() - start
+                    self.seconds += spent
+                    self.calls += 1
+                    self.by_name[getattr(fn, "__name__", "call")] += spent
+        return timed
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+        self.by_name.clear()
 
 
 def row(name: str, value, unit: str, baseline, goal: str, met: bool | None, *, ratio=None, **extra) -> dict:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from experiments.benchmarks.common import row
+from experiments.benchmarks.common import OutermostClock, row
 
 REPO = Path(__file__).resolve().parents[2]
 GOAL = 0.10
@@ -105,33 +105,18 @@ def tiny_experiment(root: Path, limit: int) -> dict:
     }
 
 
-class ModelClock:
+class ModelClock(OutermostClock):
     """Wall time spent inside a model's generate/forward (outermost call), by instance patching."""
 
     def __init__(self, model) -> None:
-        self.model, self.seconds, self.calls, self._depth = model, 0.0, 0, 0
+        super().__init__()
+        self.model = model
         for name in ("generate", "forward"):
-            setattr(model, name, self._wrap(getattr(model, name)))
-
-    def _wrap(self, fn):
-        def timed(*args, **kwargs):
-            self._depth += 1
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._depth -= 1
-                if self._depth == 0:
-                    self.seconds += time.perf_counter() - start
-                    self.calls += 1
-        return timed
+            setattr(model, name, self.wrap(getattr(model, name)))
 
     def remove(self) -> None:
         for name in ("generate", "forward"):
             self.model.__dict__.pop(name, None)
-
-    def reset(self) -> None:
-        self.seconds, self.calls = 0.0, 0
 
 
 class CallClock:
