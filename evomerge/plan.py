@@ -106,12 +106,34 @@ def _hub_config(ref) -> dict:
 
 
 def memory_breakdown(cfg: ExperimentConfig, shapes: dict[str, ModelShape], space, eval_tokens: int) -> dict[str, int]:
-    """Bytes one worker holds, as the study's kind counts them (resident sources, output, caches, activations)."""
+    """Bytes one worker holds, as the study's kind counts them (resident sources, output, caches,
+    activations), with the fitness backend's own part when it runs a copy of the model (vLLM)."""
+    from evomerge.fitness import backend, load_attr
     from evomerge.kinds import MemoryInputs
 
-    inputs = MemoryInputs(shapes, BYTES[cfg.resources.dtype], lambda m, layers: _activations(m, layers, cfg, eval_tokens),
-                          _largest_tensor)
-    return cfg.kind.memory(cfg.search_space, space, cfg.space_context({n: s.layers for n, s in shapes.items()}), inputs)
+    engine = backend(cfg.fitness.backend).memory
+    activations = (lambda m, layers: 0) if engine else (lambda m, layers: _activations(m, layers, cfg, eval_tokens))
+    inputs = MemoryInputs(shapes, BYTES[cfg.resources.dtype], activations, _largest_tensor)
+    ctx = cfg.space_context({n: s.layers for n, s in shapes.items()})
+    breakdown = {k: v for k, v in cfg.kind.memory(cfg.search_space, space, ctx, inputs).items() if v}
+    if engine:
+        head = shapes[(ctx.base or ctx.sources[0]).name]
+        on_gpu = cfg.resources.gpus_per_worker > 0 or cfg.resources.device.startswith("cuda")
+        breakdown = load_attr(engine)(cfg.fitness.backend_options(), breakdown, head.params * inputs.dtype_bytes,
+                                      _gpu_total() if on_gpu else None, on_gpu)
+    return breakdown
+
+
+def _gpu_total() -> int | None:
+    """Memory of the smallest GPU in view here, None when there is none."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    except Exception:
+        pass
+    return None
 
 
 def _largest_tensor(m: ModelShape) -> int:

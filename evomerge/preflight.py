@@ -19,6 +19,7 @@ def preflight(cfg: ExperimentConfig, storage: str, printer: Callable[[str], None
                 "best recipe are gone when this process exits, and it cannot be resumed. Give a file, e.g. "
                 "--storage sqlite:///runs/NAME/study.db")
     check_writable(storage)
+    _check_backend(cfg)
     space = build_space(cfg)
     check_tokenizer(_tokenizer_ref(cfg), trust_remote_code=cfg.trust_remote_code)
     _check_tasks(cfg)
@@ -31,6 +32,14 @@ def build_space(cfg: ExperimentConfig):
     infos = {r.name: inspect(r, allow_pickle=cfg.allow_pickle) for r in refs}
     cfg.kind.check_sources(cfg.search_space, infos)
     return cfg.space({n: int(i.config["num_hidden_layers"]) for n, i in infos.items()})
+
+
+def _check_backend(cfg: ExperimentConfig) -> None:
+    from evomerge.fitness import backend
+
+    missing = backend(cfg.fitness.backend).missing()
+    if missing:
+        raise ConfigError(f"fitness.backend {cfg.fitness.backend!r}: {missing}; or use `--backend hf`")
 
 
 def _tokenizer_ref(cfg: ExperimentConfig):

@@ -91,11 +91,16 @@ class CandidateWorker:
             model = self.materializer.apply(recipe_from_dict(job.recipe))
         else:
             model = self.materializer.load_source(job.source)
+        for evaluator in self._evaluators.values():
+            evaluator.weights_changed()
         self._loaded = key
         return model
 
     def run(self, job: Job) -> JobResult:
+        """Score one job. A failed candidate is a failed result; `BackendLost` (the evaluator's
+        engine died) is raised instead: the worker is lost, and the job goes to another one."""
         from evomerge.faults import crash_point
+        from evomerge.fitness import BackendLost
         from evomerge.sampler import derived_seed
 
         crash_point("worker_run")
@@ -106,6 +111,9 @@ class CandidateWorker:
             res = self.evaluator(job.split).evaluate(model, self.tokenizer, shard=job.shard, seed=seed)
             return JobResult(job, True, res.scores, res.fitness, time.perf_counter() - start, self.worker_id,
                              docs=res.docs if job.shard is not None else {})
+        except BackendLost:
+            self._loaded = None
+            raise
         except Exception as exc:  # a failed candidate must not stop the study
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             return JobResult(job, False, seconds=time.perf_counter() - start, worker=self.worker_id, error=detail)
@@ -155,7 +163,12 @@ class InlinePool:
         self.size = 1
 
     def submit(self, job: Job) -> None:
-        self._done.append(self.worker.run(job))
+        from evomerge.fitness import BackendLost
+
+        try:
+            self._done.append(self.worker.run(job))
+        except BackendLost as exc:  # no other worker to take the job: stop, with the study intact
+            raise WorkersLost(f"the only worker's evaluator died while scoring {job.id}: {exc}") from exc
 
     def shards(self, n: int) -> list[dict[str, list[int]]]:
         return self.worker.shards(n)
@@ -244,20 +257,26 @@ class RayPool:
                 self.ready.append(self.ray.get(ref))
                 self.idle.append(actor)
                 self._deaths_in_a_row = 0
-            except exceptions.RayTaskError as exc:  # raised inside run() itself: the candidate's own failure
-                self.ready.append(JobResult(job, False, error=_first_line(exc)))
-                self.idle.append(actor)
+            except exceptions.RayTaskError as exc:
+                if _worker_lost(exc):
+                    self._lost(actor, job, exc)
+                else:  # raised inside run() itself: the candidate's own failure
+                    self.ready.append(JobResult(job, False, error=_first_line(exc)))
+                    self.idle.append(actor)
             except exceptions.RayError as exc:
-                self._deaths_in_a_row += 1
-                # Every worker and a replacement for each died with nothing finishing in between, or
-                # this one job has now taken down several workers.
-                if self._deaths_in_a_row >= max(2 * self.size, self.max_attempts + 1) or \
-                        job.attempts >= self.max_job_attempts:
-                    raise WorkersLost(f"{self._deaths_in_a_row} workers died in a row (last: {_first_line(exc)}); "
-                                      f"the last one was scoring {job.id} (attempt {job.attempts})") from exc
-                self._replace(actor, job, exc)
+                self._lost(actor, job, exc)
             self._dispatch()
         return self.ready.pop(0)
+
+    def _lost(self, actor, job: Job, exc: Exception) -> None:
+        self._deaths_in_a_row += 1
+        # Every worker and a replacement for each died with nothing finishing in between, or
+        # this one job has now taken down several workers.
+        if self._deaths_in_a_row >= max(2 * self.size, self.max_attempts + 1) or \
+                job.attempts >= self.max_job_attempts:
+            raise WorkersLost(f"{self._deaths_in_a_row} workers died in a row (last: {_first_line(exc)}); "
+                              f"the last one was scoring {job.id} (attempt {job.attempts})") from exc
+        self._replace(actor, job, exc)
 
     def _replace(self, actor, job: Job, exc: Exception) -> None:
         self.on_event(f"worker died while scoring {job.id} ({type(exc).__name__}, attempt {job.attempts}); "
@@ -275,6 +294,13 @@ class RayPool:
                 self.ray.kill(actor)
             except Exception:
                 pass
+
+
+def _worker_lost(exc: BaseException) -> bool:
+    """Whether a task error is the worker's evaluator engine dying (`BackendLost`), not the candidate."""
+    from evomerge.fitness import BackendLost
+
+    return isinstance(exc, BackendLost) or isinstance(getattr(exc, "cause", None), BackendLost)
 
 
 def _first_line(exc: BaseException) -> str:

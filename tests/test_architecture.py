@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["version", "schema", "refs", "dims", "faults", "progress", "groups", "kernels", "sparsify",
               "lm_eval_compat", "toy"]),
     ("building blocks", ["method_registry", "merge_ops", "task_vectors", "methods", "sources", "evaluate",
-                         "fitness", "racing", "sampler_registry", "sampler",
+                         "fitness", "vllm_args", "vllm_backend", "racing", "sampler_registry", "sampler",
                          "study", "lease", "ledger", "status"]),
     ("kinds", ["kinds"]),
     ("config", ["config"]),

@@ -54,14 +54,14 @@ def test_fitness_splits_and_backend():
     raw["fitness"].update(limit=20, test_limit=50)
     raw["fitness"]["tasks"][1].pop("test")
     f = config_from_dict(raw, base_dir=REPO_ROOT / "experiments").fitness
-    assert f.backend == "lm-eval"
+    assert f.backend == "hf"
     assert [(t.task, t.weight) for t in f.split_tasks("fitness")] == [("toy_add", 0.5), ("toy_cipher", 0.5)]
     test = f.split_tasks("test")  # only the tasks that name a test, scored with their metric and weight
     assert [(t.task, t.test, t.metric, t.weight) for t in test] == [("toy_add_test", None, "exact_match", 0.5)]
     assert f.tasks[0].task == "toy_add"  # copies: the fitness tasks are unchanged
     assert (f.split_limit("fitness"), f.split_limit("test")) == (20, 50)
     raw["fitness"]["backend"] = "lm_eval"
-    with pytest.raises(ConfigError, match=r"fitness.backend: unknown fitness backend 'lm_eval'; use one of lm-eval"):
+    with pytest.raises(ConfigError, match=r"fitness.backend: unknown fitness backend 'lm_eval'; use one of hf, lm-eval, vllm"):
         config_from_dict(raw, base_dir=REPO_ROOT / "experiments")
 
 
@@ -70,12 +70,14 @@ def test_a_fitness_backend_is_registered_as_module_and_function(monkeypatch):
 
     monkeypatch.setattr(fitness, "_BACKENDS", dict(fitness._BACKENDS))
     with pytest.raises(ValueError, match="'module:function'"):
-        fitness.register_backend("vllm", "evomerge.vllm_eval")
-    fitness.register_backend("vllm", "evomerge.vllm_eval:vllm_evaluator")
-    assert fitness.backend_names() == ["lm-eval", "vllm"]
+        fitness.register_backend("mine", "evomerge.my_eval")
+    with pytest.raises(ValueError, match="'module:Class'"):
+        fitness.register_backend("mine", "evomerge.my_eval:evaluator", args="evomerge.my_args")
+    fitness.register_backend("mine", "evomerge.my_eval:my_evaluator")
+    assert fitness.backend_names() == ["hf", "lm-eval", "mine", "vllm"]
     raw = _base()
-    raw["fitness"]["backend"] = "vllm"
-    assert config_from_dict(raw, base_dir=REPO_ROOT / "experiments").fitness.backend == "vllm"
+    raw["fitness"]["backend"] = "mine"
+    assert config_from_dict(raw, base_dir=REPO_ROOT / "experiments").fitness.backend == "mine"
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -242,10 +242,18 @@ def _ray_error(name: str):
     return {"NodeDiedError": lambda: e.NodeDiedError("node 10.0.0.2 died"),
             "OutOfMemoryError": lambda: e.OutOfMemoryError("killed by the memory monitor"),
             "ObjectLostError": lambda: e.ObjectLostError("ab" * 14, None, ""),
-            "ActorDiedError": lambda: e.ActorDiedError()}[name]()
+            "ActorDiedError": lambda: e.ActorDiedError(),
+            "BackendLost": lambda: e.RayTaskError("run", "Traceback ...", _backend_lost()).as_instanceof_cause()}[name]()
 
 
-@pytest.mark.parametrize("error", ["NodeDiedError", "OutOfMemoryError", "ObjectLostError", "ActorDiedError"])
+def _backend_lost():
+    from evomerge.fitness import BackendLost
+
+    return BackendLost("the vLLM engine failed while generating")
+
+
+@pytest.mark.parametrize("error", ["NodeDiedError", "OutOfMemoryError", "ObjectLostError", "ActorDiedError",
+                                   "BackendLost"])
 def test_infrastructure_errors_requeue_the_job_never_fail_it(error):
     from evomerge.workers import Job, JobResult, WorkersLost
 

