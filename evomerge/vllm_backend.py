@@ -16,6 +16,7 @@ worker), the candidate is not failed.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -79,13 +80,29 @@ class _GuardedLLM:
 
     def __init__(self, llm) -> None:
         self._llm = llm
+        self.seed: int | None = None  # the candidate's seed, set for each evaluation
 
-    def generate(self, *args, use_tqdm=False, **kwargs):
+    def generate(self, prompts, sampling_params=None, use_tqdm=False, **kwargs):
+        if isinstance(sampling_params, list) and self.seed is not None:
+            sampling_params = [_seeded(sp, prompt, self.seed) for sp, prompt in zip(sampling_params, prompts)]
         with _engine_calls("generating"):
-            return self._llm.generate(*args, use_tqdm=False, **kwargs)
+            return self._llm.generate(prompts, sampling_params=sampling_params, use_tqdm=False, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._llm, name)
+
+
+def _seeded(params, prompt, seed: int):
+    """A sampled request gets its own seed, from the candidate's seed and its prompt: its answer
+    depends only on the model, that seed and the prompt, not on the shard, the batch or what the
+    engine ran before (HF's sampling depends on the batch)."""
+    if params.temperature == 0 or params.seed is not None:
+        return params
+    tokens = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
+    digest = hashlib.sha256(json.dumps([int(seed), list(tokens)]).encode()).digest()
+    seeded = params.clone()
+    seeded.seed = int.from_bytes(digest[:4], "little")
+    return seeded
 
 
 @contextmanager
@@ -129,14 +146,20 @@ class VLLMEvaluator(Evaluator):
     def __init__(self, *args, options: VLLMArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.options = options
+        self._request_seed: int | None = None
 
     def weights_changed(self) -> None:
         if _ENGINE is not None:
             _ENGINE.holds = None
 
+    def evaluate(self, model, tokenizer, shard=None, seed=None):
+        self._request_seed = seed
+        return super().evaluate(model, tokenizer, shard=shard, seed=seed)
+
     def _lm_for(self, model, tokenizer):
         engine = _engine_for(model, tokenizer, self.options, self.seed)
         engine.sync(model)
+        engine.lm.model.seed = self._request_seed
         return engine.lm
 
 

@@ -142,3 +142,42 @@ def test_a_study_scored_with_vllm_runs_end_to_end_with_two_workers(tmp_path):
     assert all(0 <= r["test"]["mean"] <= 1 for r in rows)
     by_name = {r["name"]: r for r in rows}
     assert by_name["expert_add"]["test"]["toy_add_test"] == 1.0  # the HF backend's score of that expert
+
+
+def test_the_backends_benchmark_measures_both_backends_on_the_same_generations():
+    from experiments.benchmarks import backends
+
+    rows = backends.main(device="cpu", docs=8, gen_tokens=8, candidates=1, printer=lambda msg: None)
+    tokens = next(r for r in rows if "tokens/s" in r["name"])
+    assert tokens["value"] > 0 and tokens["baseline"] > 0 and tokens["met"] is None  # CPU figures: context
+    assert tokens["tokens_per_doc"]["hf"] == tokens["tokens_per_doc"]["vllm"] > 1  # the same greedy continuations
+
+
+def test_sampled_answers_depend_on_the_candidate_seed_not_on_the_batch(workers, tmp_path):
+    """vLLM samples each request with its own seed (from the candidate's seed and the prompt), so a
+    sampling task scores the same in any shard and after a resume."""
+    import shutil
+
+    from evomerge.fitness import FitnessConfig, make_evaluator
+
+    toy = REPO_ROOT / "evaluators" / "toy"
+    shutil.copy(toy / "utils.py", tmp_path / "utils.py")
+    (tmp_path / "data").symlink_to(toy / "data")
+    task = (toy / "toy_add.yaml").read_text().replace("task: toy_add", "task: toy_add_sampled")
+    (tmp_path / "toy_add_sampled.yaml").write_text(
+        task.replace("do_sample: false", "do_sample: true\n  temperature: 1.0"))
+    fitness = FitnessConfig(tasks=[{"task": "toy_add_sampled"}], include=[str(tmp_path)], backend="vllm",
+                            backend_args={"kv_cache_gb": 0.25})
+    evaluator = make_evaluator(fitness, "fitness")
+    worker = workers["vllm"]
+    model = worker.load(Job("source:base", source="base"))
+    whole, halves = evaluator.shards(1)[0], evaluator.shards(2)
+
+    def per_doc(shard, seed):
+        docs = evaluator.evaluate(model, worker.tokenizer, shard=shard, seed=seed).docs["toy_add_sampled"]
+        return next(iter(docs.values()))
+
+    once = per_doc(whole, seed=7)
+    assert per_doc(whole, seed=7) == once
+    assert {**per_doc(halves[0], seed=7), **per_doc(halves[1], seed=7)} == once  # another batch, same answers
+    assert any(per_doc(whole, seed=s) != once for s in (8, 9, 10))  # it does sample

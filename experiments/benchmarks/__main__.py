@@ -6,7 +6,8 @@ same run: the machine is shared and noisy) and writes the rows as a JSON list of
 NOT REACHED with the figure. See experiments/benchmarks/README.md for what each section measures,
 the latest table, and how long the full and --quick runs take.
 
-Sections: materialize, evaluation, utilization, dfs, search, racing, bookkeeping. `--smoke` runs every section
+Sections: materialize, evaluation, utilization, dfs, search, racing, bookkeeping, backends (needs vLLM: run it
+with .venv-vllm/bin/python; EVOMERGE_BENCH_DEVICE=cuda for the GPU figures). `--smoke` runs every section
 on tiny settings (seconds; used by tests/test_benchmarks.py; its figures mean nothing).
 """
 
@@ -20,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("materialize", "evaluation", "utilization", "dfs", "search", "racing", "bookkeeping")
+SECTIONS = ("materialize", "evaluation", "utilization", "dfs", "search", "racing", "bookkeeping", "backends")
 
 
 def _environment() -> None:
@@ -94,6 +95,13 @@ def run_section(name: str, quick: bool, smoke: bool, printer) -> list[dict]:
         if smoke:
             return bookkeeping.main(trials=48, window=16, printer=printer)
         return bookkeeping.main(trials=1000 if quick else 5000, printer=printer)
+    if name == "backends":
+        from experiments.benchmarks import backends
+
+        device = os.environ.get("EVOMERGE_BENCH_DEVICE", "cpu")
+        if smoke:
+            return backends.main(device="cpu", docs=4, gen_tokens=4, candidates=1, printer=printer)
+        return backends.main(device=device, candidates=2 if quick else 3, printer=printer)
     raise ValueError(f"unknown section {name!r}; sections: {', '.join(SECTIONS)}")
 
 
