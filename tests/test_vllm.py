@@ -142,6 +142,9 @@ def test_a_study_scored_with_vllm_runs_end_to_end_with_two_workers(tmp_path):
     assert all(0 <= r["test"]["mean"] <= 1 for r in rows)
     by_name = {r["name"]: r for r in rows}
     assert by_name["expert_add"]["test"]["toy_add_test"] == 1.0  # the HF backend's score of that expert
+    # the export re-scores the written checkpoint with the study's backend: a fresh engine, same score
+    out = _evomerge("export", "toy_ps_vllm", "--storage", storage, "--out", str(tmp_path / "best"), cwd=tmp_path)
+    assert "re-scored the exported checkpoint" in out.stdout and "(the same)" in out.stdout, out.stdout
 
 
 def test_the_backends_benchmark_measures_both_backends_on_the_same_generations():
