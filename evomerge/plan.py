@@ -54,8 +54,9 @@ class Plan:
 
 def params_from_config(cfg: dict) -> int:
     """Parameter count of a Llama-style decoder from its config (no weights needed)."""
-    h, layers, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
-    heads = cfg["num_attention_heads"]
+    cfg = _canonical(cfg)
+    h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    inter = cfg.get("intermediate_size") or 4 * h
     head_dim = cfg.get("head_dim") or h // heads
     kv = cfg.get("num_key_value_heads") or heads
     attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
@@ -82,10 +83,21 @@ def shape_of(ref, allow_pickle: bool = False, config_dir: Path | None = None) ->
         else:
             cfg, how = _hub_config(ref), "hub config.json"
         params = params_from_config(cfg)
+    cfg = _canonical(cfg)
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     kv_dim = (cfg.get("num_key_value_heads") or heads) * head_dim
     return ModelShape(ref.name, params, cfg["num_hidden_layers"], cfg["hidden_size"], kv_dim, how)
+
+
+def _canonical(cfg: dict) -> dict:
+    """The decoder's config fields under transformers' canonical names (GPT-2's `n_layer` is
+    `num_hidden_layers`), read through the text config and the family's attribute map."""
+    from evomerge.hf_config import config_value, text_config
+
+    names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+             "intermediate_size", "vocab_size", "tie_word_embeddings")
+    return {**text_config(cfg), **{n: config_value(cfg, n) for n in names}}
 
 
 def _hub_config(ref) -> dict:
