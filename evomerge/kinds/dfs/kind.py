@@ -22,8 +22,14 @@ class DFSKind(Kind):
                 for role in space.source_roles if getattr(space, role) not in names]
 
     def check_sources(self, space: DFSSpaceConfig, infos: dict) -> None:
-        """Nothing before loading: models A and B may differ in depth; the stack checks each hop's
-        layer type and width when it is built."""
+        """Before loading: both models of a family whose result can be exported (`families.py`).
+        Models A and B may differ in depth; the stack checks each hop's layer type and width."""
+        from evomerge.kinds.dfs.families import fold_rule
+
+        for role in space.source_roles:
+            info = infos.get(getattr(space, role))
+            if info is not None:
+                fold_rule(info.config)
 
     def build_space(self, space: DFSSpaceConfig, ctx: SpaceContext) -> DFSSpace:
         return DFSSpace(ctx.ref(space.model_a), ctx.ref(space.model_b), ctx.layers_of[space.model_a],
@@ -80,7 +86,7 @@ class DFSKind(Kind):
         path = " -> ".join(f"{h['model']}[{h['layer']}]x{h['scale']:.3g}" for h in hops)
         return {**recipe, "method": "dfs (layer stacking)", "sources": [recipe["model_a"], recipe["model_b"]],
                 "groups": [f"{len(hops)} hops: {path}"], "granularity": {"kind": "layer path"},
-                "dare_seed": None, "options": {"input scales": "folded into o_proj/down_proj"}}
+                "dare_seed": None, "options": {"input scales": "folded into each hop's branch outputs"}}
 
     def recipe_html(self, recipe: dict, ranges: dict[str, tuple[float, float]]) -> str:
         from evomerge.kinds.dfs.view import dfs_path
