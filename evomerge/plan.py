@@ -90,6 +90,22 @@ def shape_of(ref, allow_pickle: bool = False, config_dir: Path | None = None) ->
     return ModelShape(ref.name, params, cfg["num_hidden_layers"], cfg["hidden_size"], kv_dim, how)
 
 
+def _source_problems(cfg: ExperimentConfig, refs) -> list[str]:
+    """What the search kind refuses about these sources (a family DFS cannot export, sources PS
+    cannot merge), judged from local config files and headers as `evomerge run` judges them."""
+    from evomerge.sources import SourceError, inspect
+
+    try:
+        infos = {r.name: inspect(r, allow_pickle=cfg.allow_pickle) for r in refs}
+    except SourceError:
+        return []  # not all local (hub snapshots, a later stage's winner): nothing more to check here
+    try:
+        cfg.kind.check_sources(cfg.search_space, infos)
+    except ValueError as exc:  # SourceError, StackError: the user errors that name the fix
+        return [str(exc)]
+    return []
+
+
 def _canonical(cfg: dict) -> dict:
     """The decoder's config fields under transformers' canonical names (GPT-2's `n_layer` is
     `num_hidden_layers`), read through the text config and the family's attribute map."""
@@ -191,7 +207,7 @@ def make_plan(cfg: ExperimentConfig, *, config_dir: Path | None = None, eval_tok
     per_worker = sum(breakdown.values())
     requested = cfg.resources.workers if workers is None else workers
     fit, note = capacity(per_worker, cfg)
-    problems = []
+    problems = _source_problems(cfg, refs)
     if fit is not None and fit < max(1, requested):
         problems.append(f"{requested} worker(s) of {per_worker / GiB:.1f} GiB each do not fit ({note}); "
                         f"at most {fit} fit. Use fewer workers, dtype bfloat16, a smaller fitness.batch_size, "
