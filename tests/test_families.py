@@ -270,3 +270,25 @@ def test_plan_exits_nonzero_for_a_refused_run(refused_worlds, tmp_path):
     ps = tmp_path / "ps.yaml"  # PS on the same family is fine
     ps.write_text(yaml.safe_dump(experiment(refused_worlds["opt"], PS_SPACE)))
     assert run_evomerge(["plan", str(ps)]).returncode == 0
+
+
+# --- a run with no result --------------------------------------------------------------------
+
+def test_a_dfs_run_whose_every_candidate_fails_is_an_error(tiny_world, tmp_path, monkeypatch):
+    from evomerge.kinds.dfs.stack import StackedModelBuilder
+    from evomerge.runner import RunOptions, run_experiment
+    from evomerge.study import StudyError, load
+
+    def broken(self, recipe):
+        raise StackError("stacking broke")
+
+    monkeypatch.setattr(StackedModelBuilder, "build", broken)
+    raw = experiment({"base": tiny_world["base"], "a": tiny_world["a"], "b": tiny_world["b"]}, DFS_SPACE)
+    # The random sampler learns nothing from a failed generation (CMA-ES stops on one by itself).
+    raw["optimizer"] = {"sampler": "random", "population": 2, "budget": {"trials": 4}}
+    raw["resources"] = {"workers": 0}
+    storage = f"sqlite:///{tmp_path / 'fail.db'}"
+    with pytest.raises(StudyError, match="every one of the 4 candidates .* failed.*stacking broke"):
+        run_experiment(config_from_dict(raw), RunOptions(storage=storage, runs_dir=tmp_path, inline=True),
+                       printer=quiet)
+    assert set(load("fam", storage).baselines()) == {"a", "b"}  # the sources scored; the study is kept
