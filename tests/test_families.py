@@ -292,3 +292,16 @@ def test_a_dfs_run_whose_every_candidate_fails_is_an_error(tiny_world, tmp_path,
         run_experiment(config_from_dict(raw), RunOptions(storage=storage, runs_dir=tmp_path, inline=True),
                        printer=quiet)
     assert set(load("fam", storage).baselines()) == {"a", "b"}  # the sources scored; the study is kept
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_blocks_are_the_mlp_kind(worlds, family):
+    """With split_kinds, every expert, the router and the shared expert follow the layer's MLP value."""
+    from evomerge.groups import group_names
+    from evomerge.sources import tensor_shapes
+
+    names = group_names(Granularity("layer", split_kinds=True), 4)
+    keys = tensor_shapes([worlds(family)["base"] / "model.safetensors"])
+    groups = group_map(Granularity("layer", split_kinds=True), keys, 4)
+    moe = [k for k in keys if ".layers.2." in k and ("expert" in k or k.endswith("gate.weight"))]
+    assert len(moe) > 8 and {names[groups[k]] for k in moe} == {"layer2.mlp"}
