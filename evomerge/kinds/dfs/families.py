@@ -31,12 +31,15 @@ class FoldRule:
     norm cannot carry a factor).
     stream_inputs: projections that read the residual stream without a norm (OLMo 2's MLP); their
     weight (and bias) are multiplied by the divisor, so they see what the scaled model's see.
+    logit_scale: the config field that multiplies the logits (Cohere); with tied embeddings it
+    takes back the factor K the tied head gets, so hop 0's scale can still fold into the embedding.
     """
 
     family: str
     branch_outputs: tuple[str, ...] = ()
     post_norms: tuple[str, ...] = ()
     stream_inputs: tuple[str, ...] = ()
+    logit_scale: str | None = None
 
 
 _LLAMA_LIKE = ("self_attn.o_proj", "mlp.down_proj")
@@ -48,7 +51,7 @@ FOLD_RULES: dict[str, FoldRule] = {
     "qwen3": FoldRule("Qwen3", _LLAMA_LIKE),
     "phi3": FoldRule("Phi-3", _LLAMA_LIKE),
     "granite": FoldRule("Granite", _LLAMA_LIKE),  # residual_multiplier is linear: it scales what we scale
-    "cohere": FoldRule("Cohere", _LLAMA_LIKE),  # attention and MLP in parallel off one LayerNorm
+    "cohere": FoldRule("Cohere", _LLAMA_LIKE, logit_scale="logit_scale"),  # parallel blocks, one LayerNorm
     "stablelm": FoldRule("StableLM", _LLAMA_LIKE),
     "mixtral": FoldRule("Mixtral", ("self_attn.o_proj", "mlp.experts.down_proj")),  # router reads the norm
     "qwen2_moe": FoldRule("Qwen2-MoE", ("self_attn.o_proj", "mlp.experts.down_proj",

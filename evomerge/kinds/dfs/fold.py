@@ -20,7 +20,8 @@ x_0 = s_0 * e, c_0 = s_0). The final RMSNorm removes the last factor K / c_last.
 RMSNorm(v / a) = v / sqrt(mean(v^2) + a^2 * eps): a factor a != 1 changes the effective eps.
 We take K = s_0, so hop 0's scale folds into the embeddings and the first hop, where the
 residual stream is smallest and eps matters most, is exact; hop k's branch outputs are divided
-by s_1 * ... * s_k. With tied embeddings the embedding matrix is also the head, so K = 1.
+by s_1 * ... * s_k. With tied embeddings the embedding matrix is also the head, so K = 1, unless
+the family scales its logits by a config field (Cohere's `logit_scale`), which then takes K back.
 
 Precision. Each folded tensor is upcast to float64, multiplied by K or divided by its hop's
 divisor, and cast to the export dtype once: every stored value is the export-dtype number
@@ -74,7 +75,7 @@ def export_state(models: dict[str, PreTrainedModel], recipe: DFSRecipe
     rule = check_foldable(a)
     stacked = StackedModelBuilder(models, recipe.model_a.name).build(recipe)
     tied = bool(getattr(a.config.get_text_config(), "tie_word_embeddings", False))
-    k0, divisors = fold_factors(recipe, tied)
+    k0, divisors = fold_factors(recipe, tied and rule.logit_scale is None)
     _warn_if_extreme(divisors, a.dtype)
     prefix = layer_site(stacked).prefix
     embeds = _embedding_keys(stacked, prefix)
@@ -97,7 +98,10 @@ def export_state(models: dict[str, PreTrainedModel], recipe: DFSRecipe
         state[key] = folded_copy(t, multiplier, divisor, offset)
     if tied:
         state.pop(_key_of(stacked, stacked.get_output_embeddings()) + ".weight", None)
-    return copy.deepcopy(stacked.config), state
+    config = copy.deepcopy(stacked.config)
+    if tied and rule.logit_scale is not None:  # the tied head is K times larger: logits / K
+        setattr(config, rule.logit_scale, getattr(config, rule.logit_scale) / k0)
+    return config, state
 
 
 def _matches(rest: str, modules: tuple[str, ...]) -> bool:
