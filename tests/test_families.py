@@ -305,3 +305,31 @@ def test_moe_blocks_are_the_mlp_kind(worlds, family):
     groups = group_map(Granularity("layer", split_kinds=True), keys, 4)
     moe = [k for k in keys if ".layers.2." in k and ("expert" in k or k.endswith("gate.weight"))]
     assert len(moe) > 8 and {names[groups[k]] for k in moe} == {"layer2.mlp"}
+
+
+# --- whole runs ------------------------------------------------------------------------------
+
+FAST_RUNS = ("gpt2", "mixtral")  # the others are the same code path; `pytest -m slow` runs them too
+RUN_FAMILIES = [f if f in FAST_RUNS else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+
+
+@pytest.mark.parametrize("space", [PS_SPACE, DFS_SPACE], ids=["ps", "dfs"])
+@pytest.mark.parametrize("family", RUN_FAMILIES)
+def test_a_study_runs_and_exports(worlds, family, space, tmp_path):
+    """`evomerge run` (inline) scores every candidate, and its best trial exports and reloads."""
+    from optuna.trial import TrialState
+
+    from evomerge.exporter import export_study
+    from evomerge.runner import RunOptions, run_experiment
+    from evomerge.study import load
+
+    raw = experiment(worlds(family), space)
+    raw["optimizer"] = {"sampler": "cmaes", "population": 2, "budget": {"trials": 2}}
+    raw["resources"] = {"workers": 0}
+    storage = f"sqlite:///{tmp_path / 'run.db'}"
+    run_experiment(config_from_dict(raw), RunOptions(storage=storage, runs_dir=tmp_path, inline=True), printer=quiet)
+    trials = [t for t in load("fam", storage).study.get_trials() if "generation" in t.user_attrs]
+    assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
+    export_study("fam", storage, out=tmp_path / "out", rescore=False, printer=quiet)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert plain.config.model_type == family
