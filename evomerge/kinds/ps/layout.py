@@ -8,10 +8,11 @@ other parameters: it renames keys (GPT-NeoX's `embed_out` is the model's `lm_hea
 
 We take the mapping from transformers itself: `revert_weight_conversion`, which `save_pretrained`
 uses to write a model back as a checkpoint, turns the model's parameters into checkpoint-keyed
-tensors. Renamed tensors come back as the parameters themselves; the slices of a fused tensor
-come back as copies (transformers makes them contiguous), so for those we run the same reversal
-once on a probe whose values are the parameter's element indices and read off each slice's
-offset and strides. Each checkpoint tensor then gets a writable view of its parameter, and a
+tensors. We run it on meta tensors shaped like the parameters (no memory): renamed tensors come
+back as those tensors themselves or views of them, whose strides and offset locate them in the
+real parameter. The slices of a fused tensor come back as copies (transformers makes them
+contiguous), so for those we run the same reversal once more, on a probe whose values are the
+parameter's element indices, and read off each slice's offset and strides. Each checkpoint tensor then gets a writable view of its parameter, and a
 merge writes every expert's tensor into its slice of the fused parameter: the merge stays
 exactly the per-tensor merge of the checkpoint (per-expert TIES thresholds, DARE masks and
 coefficients) and no converted copy of the model is ever made.
@@ -37,19 +38,22 @@ def checkpoint_views(model: nn.Module, checkpoint_keys) -> dict[str, torch.Tenso
     from transformers.core_model_loading import revert_weight_conversion
 
     params = dict(model.named_parameters())  # tied parameters once, under their first name
+    metas = {n: torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="meta") for n, p in params.items()}
+    owner = {id(m): n for n, m in metas.items()}
     with torch.no_grad():
-        reverted = revert_weight_conversion(model, {n: p.data for n, p in params.items()})
-    owner = {p.data.untyped_storage().data_ptr(): n for n, p in params.items()}
+        reverted = revert_weight_conversion(model, dict(metas))
     views: dict[str, torch.Tensor] = {}
+    viewed: set[str] = set()
     copied: set[str] = set()
     for key, t in reverted.items():
-        name = owner.get(t.untyped_storage().data_ptr())
-        if name is not None:
-            views[key] = t
-        else:
+        name = owner.get(id(t), owner.get(id(t._base)) if t._base is not None else None)
+        if name is None:
             copied.add(key)
+            continue
+        p = params[name].data
+        views[key] = p.as_strided(tuple(t.shape), t.stride(), p.storage_offset() + t.storage_offset())
+        viewed.add(name)
     if copied:
-        viewed = {owner[v.untyped_storage().data_ptr()] for v in views.values()}
         for name in [n for n in params if n not in viewed]:
             views.update(_probe_slices(model, name, params[name], copied))
     _check_cover(params, views, set(checkpoint_keys))
