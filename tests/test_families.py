@@ -155,6 +155,23 @@ def test_ps_merge_exports_reloads_and_rebuilds(worlds, family, method, tmp_path)
     assert same_files(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_neox", "gpt2"])
+def test_whole_source_methods_write_through_the_same_layout(worlds, family, tmp_path):
+    """linear keeps whole sources (no task vectors): each checkpoint tensor is still put in its slice."""
+    world = worlds(family)
+    recipe = ps_recipe(world, "linear")
+    base, sources = refs(world)
+    live = Materializer(open_sources(sources, base, methods=["linear"])).apply(recipe)
+    merge_recipe(recipe.to_dict(), tmp_path / "one", printer=quiet)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "one").eval()
+    with torch.no_grad():
+        assert torch.equal(plain(tokens()).logits, live(tokens()).logits)
+    a, b = (load_tensors([world[n] / "model.safetensors"], torch.float32, "cpu") for n in ("a", "b"))
+    written = load_file(tmp_path / "one" / "model.safetensors")
+    key = next(k for k in written if (".layers.1." in k or ".h.1." in k) and ("experts.1." in k or "mlp" in k))
+    assert not torch.equal(written[key], a[key]) and not torch.equal(written[key], b[key])
+
+
 def test_moe_experts_are_merged_one_by_one(worlds):
     """TIES trims each expert's task vector on its own, not the fused 3-D tensor as a whole."""
     world = worlds("mixtral")
