@@ -11,8 +11,8 @@ group.
 
 Inside a layer, with `split_kinds`, each tensor is "attn", "mlp" or "other". Modules named for
 attention (`self_attn`, `attn`, `attention`, ...) are attn, modules named for the MLP (`mlp`,
-`feed_forward`, Mixtral's `block_sparse_moe`, ...) are mlp, including norms inside them (Qwen3's and OLMo2's q_norm / k_norm
-are attn). A norm of the layer itself belongs to the block it normalizes: a pre-norm to the
+`feed_forward`, Mixtral's `block_sparse_moe`, ...) are mlp, including norms inside them
+(Qwen3's and OLMo2's q_norm / k_norm are attn). A norm of the layer itself belongs to the block it normalizes: a pre-norm to the
 block it feeds, a post-norm to the block whose output it normalizes. By family (checked against
 the transformers modeling code):
 
