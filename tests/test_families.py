@@ -276,6 +276,13 @@ def test_unsupported_dfs_export_is_refused_at_config_time(refused_worlds, no_mod
     assert len(plan.problems) == 1 and needle in plan.problems[0]
 
 
+def test_merge_of_a_refused_dfs_recipe_loads_nothing(refused_worlds, no_model_loads, tmp_path):
+    recipe = dfs_recipe(refused_worlds["opt"])
+    with pytest.raises(StackError, match="model type 'opt'"):
+        merge_recipe(recipe.to_dict(), tmp_path / "out", printer=quiet)
+    assert not (tmp_path / "out").exists()
+
+
 def test_plan_exits_nonzero_for_a_refused_run(refused_worlds, tmp_path):
     import yaml
 

@@ -68,9 +68,15 @@ class DFSKind(Kind):
                 raise RecipeError(f"hop {k} runs layer {hop.layer} of {hop.model!r}, which has {n} layers")
 
     def build(self, recipe: DFSRecipe, opts: BuildOptions) -> Built:
-        """A layer path as a plain checkpoint of model A's architecture, the scales folded in."""
+        """A layer path as a plain checkpoint of model A's architecture, the scales folded in
+        (a family without a fold rule is refused from its config.json, before any load)."""
+        from evomerge.kinds.dfs.families import fold_rule
         from evomerge.kinds.dfs.fold import plain_model
         from evomerge.kinds.dfs.materialize import StackMaterializer
+        from evomerge.sources import read_config, resolve_path
+
+        a = recipe.model_a
+        fold_rule(read_config(resolve_path(a, allow_pickle=opts.allow_pickle), a.name))
 
         mat = StackMaterializer(recipe.sources, recipe.model_a.name, dtype=recipe.dtype, device=opts.device,
                                 allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
