@@ -17,7 +17,7 @@ MAX_LINES = 400
 
 # Bottom to top. A module imports modules of its own layer (without a cycle) or of lower ones.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["version", "schema", "refs", "dims", "faults", "progress", "groups", "kernels", "sparsify",
+    ("base", ["version", "schema", "refs", "dims", "faults", "progress", "groups", "kernels", "sparsify", "hf_config",
               "lm_eval_compat", "toy"]),
     ("building blocks", ["method_registry", "merge_ops", "task_vectors", "methods", "sources", "evaluate",
                          "fitness", "vllm_args", "vllm_backend", "racing", "sampler_registry", "sampler",
