@@ -99,9 +99,12 @@ def _source_problems(cfg: ExperimentConfig, refs) -> list[str]:
         infos = {r.name: inspect(r, allow_pickle=cfg.allow_pickle) for r in refs}
     except SourceError:
         return []  # not all local (hub snapshots, a later stage's winner): nothing more to check here
+    from evomerge.preflight import check_backend_sources
+
     try:
         cfg.kind.check_sources(cfg.search_space, infos)
-    except ValueError as exc:  # SourceError, StackError: the user errors that name the fix
+        check_backend_sources(cfg, infos)
+    except ValueError as exc:  # SourceError, StackError, ConfigError: the user errors that name the fix
         return [str(exc)]
     return []
 

@@ -32,6 +32,7 @@ def build_space(cfg: ExperimentConfig):
     refs = cfg.sources + ([cfg.base] if cfg.base else [])
     infos = {r.name: inspect(r, allow_pickle=cfg.allow_pickle) for r in refs}
     cfg.kind.check_sources(cfg.search_space, infos)
+    check_backend_sources(cfg, infos)
     return cfg.space({n: _depth(i) for n, i in infos.items()})
 
 
@@ -50,6 +51,18 @@ def _check_backend(cfg: ExperimentConfig) -> None:
     missing = backend(cfg.fitness.backend).missing()
     if missing:
         raise ConfigError(f"fitness.backend {cfg.fitness.backend!r}: {missing}; or use `--backend hf`")
+
+
+def check_backend_sources(cfg: ExperimentConfig, infos: dict) -> None:
+    """Can the fitness backend score these sources (config.json only)? ConfigError naming the fix."""
+    from evomerge.fitness import backend, load_attr
+
+    check = backend(cfg.fitness.backend).check_sources
+    if check:
+        try:
+            load_attr(check)({name: info.config for name, info in infos.items()})
+        except ValueError as exc:
+            raise ConfigError(f"fitness.backend {cfg.fitness.backend!r}: {exc}") from None
 
 
 def _tokenizer_ref(cfg: ExperimentConfig):

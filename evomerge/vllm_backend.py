@@ -64,7 +64,7 @@ class _Engine:
         if self.holds is model:
             return
         self.holds = None
-        weights = [(name, p.detach()) for name, p in model.named_parameters()]
+        weights = list(checkpoint_weights(model).items())
         with _engine_calls("reloading the weights"):
             self.lm.model.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.holds = model
@@ -133,6 +133,16 @@ def _engine_for(model, tokenizer, options: VLLMArgs, seed: int) -> _Engine:
             _ENGINE = None
         _ENGINE = _Engine(model, tokenizer, options, seed)
     return _ENGINE
+
+
+def checkpoint_weights(model) -> dict[str, torch.Tensor]:
+    """The model's weights under their checkpoint names, which vLLM's loader reads: transformers'
+    own reversal of its load-time conversions (`save_pretrained` uses it), so a family whose keys
+    it renames (GPT-NeoX's `embed_out`) or whose experts it fuses (Mixtral) is streamed as its
+    checkpoint; for the others it hands back the parameters themselves (no copy)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, {name: p.detach() for name, p in model.named_parameters()})
 
 
 def _context_length(model) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from evomerge.config import config_from_dict
 from evomerge.exporter import merge_recipe
@@ -31,49 +31,12 @@ from evomerge.preflight import build_space
 from evomerge.refs import SourceRef
 from evomerge.sources import load_tensors, open_sources
 from evomerge.toy.tokenizer import build_tokenizer
-from tests.helpers import REPO_ROOT, run_evomerge
+from tests.helpers import REPO_ROOT, run_evomerge, save_family
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "cohere",
             "stablelm", "mixtral", "qwen2_moe", "gpt_neox", "gpt2"]
 PS_METHODS = ["task_arithmetic", "ties", "dare_ties"]
 TINY_TASKS = REPO_ROOT / "tests" / "data" / "tiny_tasks"
-
-# Set when the family's config has the field (names differ: GPT-2's eps is layer_norm_epsilon).
-_OPTIONAL = dict(num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, layer_norm_eps=1e-6,
-                 layer_norm_epsilon=1e-6, num_local_experts=4, num_experts=4, num_experts_per_tok=2,
-                 moe_intermediate_size=32, shared_expert_intermediate_size=32)
-
-
-def family_config(family: str, **overrides):
-    tok = build_tokenizer()
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if family == "gpt2":  # its own field names: the point of testing it
-        config = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=64, n_layer=4, n_head=4, n_positions=64,
-                                      initializer_range=0.2, **ids)
-    else:
-        config = AutoConfig.for_model(family, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=64,
-                                      initializer_range=0.2, **ids)
-    for key, value in {**_OPTIONAL, **overrides}.items():
-        if hasattr(config, key):
-            setattr(config, key, value)
-    return config
-
-
-def save_family(path: Path, family: str, seed: int, base: Path | None = None, **overrides) -> Path:
-    """The family's base (random) or, with `base`, an expert: base + 0.05 * noise."""
-    torch.manual_seed(seed)
-    if base is None:
-        model = AutoModelForCausalLM.from_config(family_config(family, **overrides))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
-    return path
-
 
 @pytest.fixture(scope="session")
 def worlds(tmp_path_factory):
