@@ -54,8 +54,8 @@ def _check_population(v: int | None) -> int | None:
 
 
 class OptimizerConfig(Strict):
-    sampler: str = Field("cmaes", description="cmaes, tpe, random, or the import path of an Optuna sampler "
-                                              "class (e.g. optuna.samplers.QMCSampler)")
+    sampler: str = Field("cmaes", description="cmaes, tpe, random, nsga2, nsga3, motpe, or the import path of an "
+                                              "Optuna sampler class (e.g. optuna.samplers.QMCSampler)")
     sampler_args: dict[str, Any] = Field({}, description="keyword arguments of the sampler's constructor "
                                                          "(an Optuna sampler's, tpe's or random's)")
     population: int | None = None

@@ -26,7 +26,6 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from evomerge.fitness import FitnessError, TaskConfig, metric_value
-from evomerge.ledger import DEFAULT_MERGE
 from evomerge.schema import Strict
 
 MEAN = "mean"
@@ -69,6 +68,8 @@ class Constraint:
             if not sources:
                 raise FitnessError(f"constraint {self.text!r}: the study has no scored source yet")
             return max(quantity(self.quantity, b["scores"], tasks) for b in sources) + self.offset
+        from evomerge.ledger import DEFAULT_MERGE  # here: the ledger imports Optuna, the config must not
+
         name = DEFAULT_MERGE if self.ref == DEFAULT_MERGE_REF else self.ref
         if name not in baselines:
             raise FitnessError(f"constraint {self.text!r}: the study has no baseline {name!r} (it has "
