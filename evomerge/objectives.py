@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import model_validator
@@ -141,10 +141,13 @@ class Goal:
             c.bound(baselines, self.tasks)
 
     def on_test(self, test_tasks: Sequence[TaskConfig]) -> "Goal":
-        """The same objectives over the test split's tasks (each task's `test` in its place)."""
+        """The same objectives and constraints over the test split's tasks (each task's `test` in
+        its place; read against the baselines' test scores), to see how the front holds up."""
         test_of = {t.task: t.test for t in self.tasks}
         names = tuple(n if n == MEAN else test_of[n] for n in self.names)
-        return Goal(tuple(test_tasks), names, self.directions, (), self.configured)
+        constraints = tuple(replace(c, quantity=c.quantity if c.quantity == MEAN else test_of[c.quantity])
+                            for c in self.constraints)
+        return Goal(tuple(test_tasks), names, self.directions, constraints, self.configured)
 
 
 def make_goal(tasks: Sequence[TaskConfig], objectives: Sequence[ObjectiveConfig] | None,

@@ -8,12 +8,13 @@ of what it evaluated over each fitness task, so the two kinds of run can be comp
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.ledger import Stored, candidate_trials, is_candidate
+from evomerge.ledger import Stored, TrialAttr, candidate_trials, is_candidate
 from evomerge.objectives import Goal
 
 
@@ -83,4 +84,36 @@ def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float], d
     return float(compute_hypervolume(-pts, -ref, assume_pareto=False))
 
 
-__all__ = ["Member", "dominates", "feasible_complete", "front_of", "hypervolume", "non_dominated", "study_front"]
+VIEW_SUFFIX = ":pareto"
+VIEW_OF = "evomerge:view_of"  # the study user attribute that marks a view study (and names its study)
+
+
+def is_view(user_attrs: dict) -> bool:
+    """A study that only shows another one's trials (skipped where evomerge lists studies)."""
+    return VIEW_OF in user_attrs
+
+
+def refresh_view(storage, name: str, goal: Goal, trials: Sequence[FrozenTrial]) -> str:
+    """Write study NAME:pareto beside the study: one trial per COMPLETE candidate with its
+    objective values and constraint values, so optuna-dashboard can draw its Pareto front (it
+    draws fronts only for multi-objective studies; evomerge's study keeps one value, the
+    fitness). A derived view, rebuilt on each call and safe to delete; returns its name."""
+    import optuna
+
+    view = name + VIEW_SUFFIX
+    if view in {s.study_name for s in storage.get_all_studies()}:
+        optuna.delete_study(study_name=view, storage=storage)
+    study = optuna.create_study(study_name=view, storage=storage, directions=list(goal.directions))
+    study.set_user_attr(VIEW_OF, name)
+    with warnings.catch_warnings():  # set_metric_names is marked experimental; it names the plot's axes
+        warnings.simplefilter("ignore")
+        study.set_metric_names(list(goal.names))
+    done = [t for t in trials if t.state == TrialState.COMPLETE and is_candidate(t) and t.value is not None]
+    study.add_trials([optuna.trial.create_trial(
+        params=t.params, distributions=t.distributions, values=goal.values(Stored(t).scores),
+        constraints={str(i): float(v) for i, v in enumerate(t.user_attrs.get(TrialAttr.CONSTRAINTS) or [])} or None,
+        user_attrs={"evomerge:trial": t.number}) for t in sorted(done, key=lambda t: t.number)])
+    return view
+
+
+__all__ = ["VIEW_OF", "VIEW_SUFFIX", "is_view", "refresh_view", "Member", "dominates", "feasible_complete", "front_of", "hypervolume", "non_dominated", "study_front"]

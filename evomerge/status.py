@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.ledger import DEFAULT_MERGE, FINISHED, Stored, StudyAttr, best_of, candidate_trials
+from evomerge.pareto import is_view
 from evomerge.study import STUDY_FILE, StudyRecord, load, open_storage
 
 # A controller writes its heartbeat every HEARTBEAT_SECONDS; three missed beats mean it is gone.
@@ -168,5 +169,6 @@ def list_studies(storages: list[str]) -> list[StudyStatus]:
     out = []
     for url in storages:
         for summary in optuna.get_all_study_summaries(open_storage(url, create=False), include_best_trial=False):
-            out.append(study_status(load(summary.study_name, url)))
+            if not is_view(summary.user_attrs):  # NAME:pareto, the dashboard's view of a study
+                out.append(study_status(load(summary.study_name, url)))
     return out

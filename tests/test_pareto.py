@@ -303,3 +303,41 @@ def test_every_multi_objective_sampler_name_is_in_the_registry():
         assert not BUILTIN[name].single_objective
     assert BUILTIN["cmaes"].single_objective
     assert list(itertools.chain(BUILTIN)) [:3] == ["cmaes", "tpe", "random"]
+
+
+# -- the dashboard ---------------------------------------------------------------------------
+def test_dashboard_shows_the_front_with_export_buttons_and_a_pareto_plot(tmp_path):
+    from evomerge.dashboard import DashboardApp, DashboardConfig
+    from evomerge.status import list_studies
+    from evomerge.study import PREFIX
+    from tests.test_dashboard import RecordingLauncher, call, post, scores, write_study
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    write_study(url, extra={"test_scores": {"test:evolved (trial 5)": scores(0.51, 0.62, "test")}})
+    study = optuna.load_study(study_name="toy-ps", storage=url)
+    dists = study.trials[0].distributions
+    for add, cipher in ((0.9, 0.2), (0.85, 0.15)):  # a trade-off beside trial 5 (0.55, 0.65), and one dominated
+        study.add_trial(optuna.trial.create_trial(params={"w": 1.0}, distributions=dists, value=(add + cipher) / 2,
+                                                  user_attrs={"generation": 4, "index": 0, "scores": scores(add, cipher),
+                                                              "recipe": {"kind": "ps"}}))
+    config = study.user_attrs[PREFIX + "config"]
+    study.set_user_attr(PREFIX + "config", dict(config, optimizer={"sampler": "nsga2", "objectives": [
+        "toy_add", "toy_cipher"], "budget": {"trials": 10}}))
+    launcher = RecordingLauncher()
+    app = DashboardApp(DashboardConfig(storages=[url], export_root=tmp_path / "exports"), launcher=launcher)
+    page = call(app, "GET", "/evomerge/study", {"storage": 0, "name": "toy-ps"}).text
+    front = page.split("<h2>Pareto front</h2>")[1].split("</table>")[0]
+    assert "2 feasible, non-dominated trials over optimizer.objectives: toy_add, toy_cipher" in front
+    assert 'id="export-trial-5"' in front and 'id="export-trial-7"' in front and "trial 8" not in front
+    assert "0.5100" in front and "0.6200" in front  # trial 5's test scores
+    assert post(app, "export", app.guard.form_token, trial="7").status == 303
+    assert launcher.calls[0][0][-4:-2] == ["--trial", "7"]
+    r = call(app, "GET", "/evomerge/optuna", {"storage": 0, "name": "toy-ps", "view": "pareto"})
+    view = optuna.load_study(study_name="toy-ps:pareto", storage=url)
+    assert r.status == 302 and r.headers["Location"] == f"/dashboard/studies/{view._study_id}/analytics"
+    assert len(view.directions) == 2 and len(view.trials) == 8
+    assert sorted(t.user_attrs["evomerge:trial"] for t in view.best_trials) == [5, 7]
+    assert 'data-study="toy-ps:pareto"' not in call(app, "GET", "/").text
+    assert [s.study for s in list_studies([url])] == ["toy-ps"]
+    call(app, "GET", "/evomerge/optuna", {"storage": 0, "name": "toy-ps", "view": "pareto"})  # rebuilt, not doubled
+    assert len(optuna.load_study(study_name="toy-ps:pareto", storage=url).trials) == 8
