@@ -220,6 +220,10 @@ class OptunaSampler:
         dists = self.space.distributions()
         wanted, proposals = set(missing), []
         for i in range(self.population):
+            if generation == 0 and i == 0 and self.spec.start_at_init:
+                if i in wanted:  # the space's starting point, as CMA-ES's first mean: a parent to breed from
+                    proposals.append(Proposal(i, dict(self.space.init_params())))
+                continue
             scratch.sampler = self.fresh_sampler(generation, i)
             if self.generation_key:  # ask pops this waiting trial: the sampler sees its generation
                 storage.create_new_trial(scratch_id, template_trial=optuna.trial.create_trial(

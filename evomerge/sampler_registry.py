@@ -39,6 +39,7 @@ class SamplerSpec:
     population_from_dims: bool = False  # default population 4 + floor(3 ln n); else the first run's workers
     population_arg: str | None = None  # the constructor argument that must equal evomerge's population
     single_objective: bool = False  # optimizes one number only: optimizer.objectives is refused
+    start_at_init: bool = False  # candidate 0 of generation 0 is the space's starting point (CMA-ES's mean)
 
 
 BUILTIN: dict[str, SamplerSpec] = {s.name: s for s in (
@@ -49,9 +50,9 @@ BUILTIN: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("motpe", "optuna.samplers.TPESampler", {"multivariate": True}),
     # NSGA-II/III select parents among whole generations: evomerge's generations are theirs.
     SamplerSpec("nsga2", "optuna.samplers.NSGAIISampler", min_population=2, population_from_dims=True,
-                population_arg="population_size"),
+                population_arg="population_size", start_at_init=True),
     SamplerSpec("nsga3", "optuna.samplers.NSGAIIISampler", min_population=2, population_from_dims=True,
-                population_arg="population_size"),
+                population_arg="population_size", start_at_init=True),
 )}
 SINGLE_OBJECTIVE_CLASSES = {"optuna.samplers.CmaEsSampler"}  # Optuna's own, by path: one objective only
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")

@@ -167,6 +167,8 @@ def test_nsga2_breeds_generation_one_from_generation_zero_and_replays_it():
     sampler = OptunaSampler("nsga2", space, seed=7, population=8, goal=goal)
     study = optuna.create_study(direction="maximize")
     _generation_zero(sampler, study, scores)
+    first = min(study.get_trials(), key=lambda t: t.user_attrs[TrialAttr.INDEX])
+    assert first.params == space.init_params()  # NSGA-II starts where CMA-ES does, beside random parents
     parents = {name: {t.params[name] for t in study.get_trials()} for name in space.distributions()}
     children = sampler.propose(1, None, study, list(range(8)))
     inherited = sum(v in parents[k] for c in children for k, v in c.params.items())
