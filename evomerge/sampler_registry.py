@@ -40,6 +40,7 @@ class SamplerSpec:
     population_arg: str | None = None  # the constructor argument that must equal evomerge's population
     single_objective: bool = False  # optimizes one number only: optimizer.objectives is refused
     start_at_init: bool = False  # candidate 0 of generation 0 is the space's starting point (CMA-ES's mean)
+    object_args: tuple[str, ...] = ()  # arguments given as the import path of a class, built with no arguments
 
 
 BUILTIN: dict[str, SamplerSpec] = {s.name: s for s in (
@@ -49,8 +50,12 @@ BUILTIN: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("random", "optuna.samplers.RandomSampler"),
     SamplerSpec("motpe", "optuna.samplers.TPESampler", {"multivariate": True}),
     # NSGA-II/III select parents among whole generations: evomerge's generations are theirs.
-    SamplerSpec("nsga2", "optuna.samplers.NSGAIISampler", min_population=2, population_from_dims=True,
-                population_arg="population_size", start_at_init=True),
+    # Real-coded NSGA-II (Deb et al. 2002, the operators for continuous genes): SBX crossover and
+    # polynomial mutation instead of Optuna's defaults (uniform crossover, a fresh random gene).
+    SamplerSpec("nsga2", "optuna.samplers.NSGAIISampler", {"crossover": "optuna.samplers.nsgaii.SBXCrossover",
+                                                           "mutation": "optuna.samplers.nsgaii.PolynomialMutation"},
+                min_population=2, population_from_dims=True, population_arg="population_size", start_at_init=True,
+                object_args=("crossover", "mutation")),
     SamplerSpec("nsga3", "optuna.samplers.NSGAIIISampler", min_population=2, population_from_dims=True,
                 population_arg="population_size", start_at_init=True),
 )}
@@ -84,11 +89,19 @@ def sampler_class(path: str) -> type:
     return found
 
 
+def _import(path: str):
+    module, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
 def constructor_args(spec: SamplerSpec, args: Mapping[str, Any], seed: int,
                      population: int | None = None) -> dict[str, Any]:
     """evomerge's defaults, then `sampler_args`, then `seed` when the constructor takes one (and
     the population, for a sampler with a `population_arg`)."""
     kwargs = {**spec.defaults, **args}
+    for key in spec.object_args:
+        if isinstance(kwargs.get(key), str):
+            kwargs[key] = _import(kwargs[key])()
     if spec.population_arg and population is not None:
         kwargs[spec.population_arg] = population
     if "seed" in inspect.signature(sampler_class(spec.optuna_class or "")).parameters:
@@ -112,6 +125,13 @@ def sampler_problem(name: str, args: Mapping[str, Any]) -> tuple[str, str] | Non
     if spec.population_arg and spec.population_arg in args:
         return "sampler_args", (f"{spec.population_arg} is evomerge's: set optimizer.population instead (a "
                                 "generation of evomerge is one of the sampler's)")
+    for key in spec.object_args:
+        if key in args:
+            try:
+                _import(str(args[key]))
+            except (ImportError, AttributeError, ValueError) as exc:
+                return "sampler_args", (f"{key}: {args[key]!r} does not import ({type(exc).__name__}: {exc}); give "
+                                        f"the import path of a class, e.g. {spec.defaults.get(key)}")
     if name in BUILTIN and not args:
         return None  # known to build: no import at config parse
     try:
