@@ -52,12 +52,15 @@ def _test_points(summary: dict, names: list[str]) -> list[tuple[float, ...]]:
 
 
 def main(seeds=SEEDS, budget: int = 200, samplers: dict | None = None, limit: int | None = None,
-         test_limit: int | None = None, tiny: bool = False, constrained: bool = True, printer=print) -> list[dict]:
+         test_limit: int | None = None, tiny: bool = False, constrained: bool | tuple[str, int] = True,
+         printer=print) -> list[dict]:
+    """`samplers`: sampler -> population (default SAMPLERS; {} runs only the constrained run);
+    `constrained`: True for the constrained run with toy_pareto.yaml's sampler, or (sampler, population)."""
     from evomerge.config import config_from_dict
     from evomerge.pareto import hypervolume
     from evomerge.runner import RunOptions, run_experiment
 
-    samplers = dict(samplers or SAMPLERS)
+    samplers = dict(SAMPLERS if samplers is None else samplers)
     names = ("test hypervolume of the front vs weighted-sum CMA-ES's non-dominated set",
              "pareto constrained: front members breaking a constraint on the fitness split",
              "pareto constrained: front members whose constraints also hold on the test split")
@@ -82,7 +85,7 @@ def main(seeds=SEEDS, budget: int = 200, samplers: dict | None = None, limit: in
         return hypervolume(_test_points(summary, tests), (0.0,) * len(tests), ["maximize"] * len(tests))
 
     try:
-        for seed in seeds:
+        for seed in seeds if samplers else ():
             weighted, _ = run(f"weighted-{seed}", {"sampler": "cmaes", "seed": seed, "budget": {"trials": budget}})
             hv_w = volume(weighted)
             for sampler, population in samplers.items():
@@ -107,11 +110,11 @@ def main(seeds=SEEDS, budget: int = 200, samplers: dict | None = None, limit: in
                                 all(s["front"] >= s["weighted"] for s in got), std=mean_f["std"],
                                 baseline_std=mean_w["std"], per_seed=[s["front"] for s in got],
                                 baseline_per_seed=[s["weighted"] for s in got]))
-        if constrained:
-            sampler = next(iter(samplers))
-            where = f"({world}, {budget} trials, {sampler} population {samplers[sampler]}"
-            rows += _constrained(run, root, seeds[0], _pareto_optimizer(seeds[0], budget, sampler, samplers[sampler],
-                                                                        tasks), tasks, names[1:], where, tiny)
+        if constrained:  # with toy_pareto.yaml's sampler and population
+            sampler, population = constrained if isinstance(constrained, tuple) else next(iter(SAMPLERS.items()))
+            where = f"({world}, {budget} trials, {sampler} population {population}"
+            rows += _constrained(run, root, seeds[0], _pareto_optimizer(seeds[0], budget, sampler, population, tasks),
+                                 tasks, names[1:], where, tiny)
     finally:
         tmp.cleanup()
     return rows
