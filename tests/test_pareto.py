@@ -237,6 +237,13 @@ def test_pareto_run_reports_its_front_in_summary_status_and_export(tmp_path):
         member = out / f"trial-{m['trial']}"
         assert (member / "recipe.yaml").is_file() and (member / "README.md").is_file()
         assert not list(member.glob("*.safetensors"))  # checkpoints only with --checkpoints
+    full = tmp_path / "front-checkpoints"
+    exported = run_evomerge(["export", "front", "--storage", storage, "--front", "--checkpoints", "--no-rescore",
+                             "--out", str(full)])
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    for m in members:
+        assert list((full / f"trial-{m['trial']}").glob("*.safetensors"))
+        assert (full / f"trial-{m['trial']}" / "mergekit.yaml").is_file()
     both = run_evomerge(["export", "front", "--storage", storage, "--front", "--trial", "1", "--out",
                          str(tmp_path / "x")])
     assert both.returncode != 0 and "not both" in both.stderr
