@@ -197,6 +197,8 @@ class FitnessConfig(Strict):
     num_fewshot: int | None = None
     seed: int = 1234
     batch_size: int = Field(64, ge=1)
+    # "toy_add >= best_source - 0.05": parsed and checked by the experiment config (evomerge.objectives)
+    constraints: list[str] = []
 
     @field_validator("tasks")
     @classmethod
