@@ -162,6 +162,10 @@ class RacingConfig(Strict):
     # of the population); None is CMA-ES's own mu (population // 2, the ones that move its mean)
     top: float | None = None
     p_threshold: float = 0.1  # TPE / random: Optuna's WilcoxonPruner
+    # what a raced-out candidate is told: "rasch" fills its unscored docs with their expected
+    # scores under per-doc difficulties fitted on the study's complete candidates (evomerge.irt);
+    # "mean" is the plain mean of the docs it was scored on
+    estimate: Literal["rasch", "mean"] = "rasch"
 
     @field_validator("rounds")
     @classmethod

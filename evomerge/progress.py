@@ -20,14 +20,16 @@ class Progress:
     best: float = -math.inf
     best_trial: int | None = None
 
-    def record(self, generation: int, trial: int, value: float | None, reason: str = "", note: str = "") -> None:
+    def record(self, generation: int, trial: int, value: float | None, reason: str = "", note: str = "",
+               estimated: bool = False) -> None:
+        """`estimated`: a raced-out candidate's estimate, shown but never the best (it has no full score)."""
         self.done_here += 1
-        if value is not None and value > self.best:
+        if value is not None and not estimated and value > self.best:
             self.best, self.best_trial = value, trial
         done = self.done_before + self.done_here
         rate = (time.perf_counter() - self.started) / self.done_here
         eta = f"ETA {_fmt_seconds(rate * (self.budget - done))}" if self.budget else ""
-        shown = f"{value:.4f}{note}" if value is not None else f"FAIL ({reason[:60]})"
+        shown = f"{'~' if estimated else ''}{value:.4f}{note}" if value is not None else f"FAIL ({reason[:60]})"
         total = f"/{self.budget}" if self.budget else ""
         self.printer(f"gen {generation:3d} | trial {done}{total} | fitness {shown} | "
                      f"best {self.best:.4f} (#{self.best_trial}) | {rate:.2f} s/trial | {eta}")

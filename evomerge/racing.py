@@ -11,7 +11,9 @@ Two rules, chosen by the sampler:
   Candidate c is compared with the mu-th best by estimate, m, on the docs both have scored
   (paired per doc): the weighted mean difference and its standard error, with the finite
   population correction for docs not scored yet. c stops when even the upper confidence bound of
-  (c - m) is below zero. CMA-ES is told its estimate (the weighted mean on the docs scored).
+  (c - m) is below zero. CMA-ES is told its estimate of the full-subset fitness: by default each
+  task's unscored docs filled in with a Rasch model fitted on the complete candidates of earlier
+  generations (`evomerge.irt`; `estimate: mean` tells the plain mean of the docs scored).
 - TPE and random search (`OptunaPruner`): Optuna's own `WilcoxonPruner`, fed one intermediate
   value per doc (`step` = the doc's position in the subset), so the pruner compares a candidate
   doc by doc with the best complete trial.
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from evomerge.fitness import Docs, Shard, TaskConfig, resolve_metric
+from evomerge.irt import DocModel
 
 
 def round_increments(subset: Shard, fractions: Sequence[float]) -> list[Shard]:
@@ -164,8 +167,26 @@ class Race:
     """The rounds of a study and the rule that decides after each; one round and no rule when
     racing is off."""
 
-    def __init__(self, tasks: Sequence[TaskConfig], increments: Sequence[Shard], rule=None) -> None:
+    def __init__(self, tasks: Sequence[TaskConfig], increments: Sequence[Shard], rule=None,
+                 model: str = "mean") -> None:
         self.tasks, self.increments, self.rule = tuple(tasks), list(increments), rule
+        self.model = model
+        self._fitted: tuple[tuple[int, ...], DocModel] | None = None
+
+    def told(self, docs: Docs, references: Mapping[int, Docs]) -> float:
+        """What a raced-out candidate is told: its full-subset fitness as estimated from `docs`.
+        `references` (trial number -> per-doc scores) are the candidates scored on every doc so
+        far; the estimate depends only on them and `docs`, so a resumed study tells the same."""
+        complete = {n: d for n, d in references.items() if self.rounds_done(d) == len(self.increments)}
+        if self.model == "mean" or not complete:
+            return estimate(docs, self.tasks)
+        key = tuple(sorted(complete))
+        if self._fitted is None or self._fitted[0] != key:
+            refs = [chosen_values(complete[n], self.tasks) for n in key]
+            self._fitted = (key, DocModel(refs, [t.task for t in self.tasks]))
+        model = self._fitted[1]
+        values = chosen_values(docs, self.tasks)
+        return sum(t.weight * model.full_mean(t.task, values[t.task]) for t in self.tasks if values.get(t.task))
 
     def rounds_done(self, docs: Docs) -> int:
         """How many leading rounds `docs` covers."""
@@ -204,10 +225,11 @@ def make_race(cfg, sampler, subset: Shard, rounds: Sequence) -> Race:
     racing = cfg.fitness.racing
     if racing is None:
         return Race(tasks, [subset])
+    model = racing.estimate
     increments = round_increments(subset, racing.rounds)
     if sampler.name == "cmaes":
         mu = sampler.population // 2 if racing.top is None else math.ceil(racing.top * sampler.population)
         rule = PairedRace(tuple(tasks), {t: len(v) for t, v in subset.items()}, max(1, mu), racing.confidence)
     else:
         rule = OptunaPruner(tasks, subset, racing.p_threshold)
-    return Race(tasks, increments, rule)
+    return Race(tasks, increments, rule, model)

@@ -28,7 +28,7 @@ from evomerge.faults import crash_point
 from evomerge.fitness import fitness_of
 from evomerge.ledger import Candidate, Ledger, Phase, StudyAttr, close_orphans
 from evomerge.progress import Progress
-from evomerge.racing import combine_parts, docs_count, estimate, make_race, merge_docs
+from evomerge.racing import combine_parts, docs_count, make_race, merge_docs
 from evomerge.sampler import GenerationSampler, Proposal
 from evomerge.study import StudyRecord
 from evomerge.workers import JobResult
@@ -198,6 +198,11 @@ class Controller:
         self.ledger.tell(c, value)
         self.progress.record(c.generation, c.number, value)
 
+    def _complete_before(self, generation: int) -> dict[int, dict]:
+        """Trial number -> per-doc scores of the COMPLETE candidates of earlier generations."""
+        return {c.number: c.docs for g, cands in self.ledger.generations.items() if g < generation
+                for c in cands.values() if c.phase is Phase.TOLD and c.docs}
+
     def _decide(self, r: int, cands: dict[int, Candidate]) -> None:
         """After round r: race out who cannot reach the top; the rest are marked as past round r."""
         undecided = {i: c for i, c in cands.items() if not c.phase.finished and not c.survived(r)}
@@ -207,11 +212,12 @@ class Controller:
         docs = {i: c.docs for i, c in cands.items() if c.phase is not Phase.PROPOSED}
         out = self.race.eliminate(self.rec, r, docs, {i: c.number for i, c in undecided.items()})
         self.guard()
+        references = self._complete_before(next(iter(undecided.values())).generation) if out else {}
         for i, c in sorted(undecided.items()):
             if i in out:
-                value = estimate(c.docs, self.tasks)
+                value = self.race.told(c.docs, references)
                 self.ledger.prune(c, r, value)
-                self.progress.record(c.generation, c.number, value,
+                self.progress.record(c.generation, c.number, value, estimated=True,
                                      note=f" (raced out after round {r + 1}, {docs_count(c.docs)} docs)")
                 crash_point("tell")
             else:

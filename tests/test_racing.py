@@ -10,8 +10,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from evomerge.config import config_from_dict
 from evomerge.fitness import TaskConfig
-from evomerge.racing import PairedRace, Race, deal, docs_count, estimate, round_increments
+from evomerge.ledger import StudyAttr
+from evomerge.irt import DocModel
+from evomerge.racing import PairedRace, Race, chosen_values, deal, docs_count, estimate, normalized, round_increments
 from evomerge.study import load
 from tests.helpers import kill_and_resume, run_evomerge, trial_rows, write_resumable_experiment
 
@@ -57,6 +60,24 @@ def test_paired_race_stops_only_the_clearly_beaten():
     assert everything.eliminate({0: good, 3: close}) == {3}
 
 
+def test_a_raced_out_candidate_is_told_its_estimate_from_complete_references_only():
+    subset = {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3]}
+    incs = round_increments(subset, [0.5, 1.0])
+    partial = _docs([1, 1], [1, 0])
+    # the first half of the docs is easy: complete candidates get it right and miss the rest
+    complete = {10: _docs([1, 1, 0, 0], [1, 1, 0, 1]), 11: _docs([1, 1, 1, 0], [1, 1, 0, 0])}
+    refs = {**complete, 12: _docs([0, 0], [0, 0])}  # an unfinished one does not count
+    plain = Race(TASKS, incs, model="mean")
+    rasch = Race(TASKS, incs, model="rasch")
+    assert plain.told(partial, refs) == estimate(partial, TASKS) == pytest.approx(0.75)
+    model = DocModel([chosen_values(d, TASKS) for d in complete.values()], ["a", "b"])
+    values = chosen_values(partial, TASKS)
+    expected = 0.5 * model.full_mean("a", values["a"]) + 0.5 * model.full_mean("b", values["b"])
+    assert rasch.told(partial, refs) == pytest.approx(expected)
+    assert rasch.told(partial, refs) < 0.6  # its unscored (hard) docs pull it down
+    assert rasch.told(partial, {}) == pytest.approx(0.75)
+
+
 def _racing_experiment(tmp_path, name: str, sampler: str = "cmaes", budget: int = 12) -> str:
     cfg = yaml.safe_load(open(write_resumable_experiment(tmp_path, name)))
     cfg["fitness"]["racing"] = {"rounds": [0.25, 0.5, 1.0], "confidence": 0.6, "top": 0.25}
@@ -95,11 +116,41 @@ def test_racing_study_records_docs_and_races_out_candidates(uninterrupted_race):
     assert docs["evaluated"] < docs["full"] and docs["raced_out"] == states.count(TrialState.PRUNED)
 
 
+def test_raced_out_estimates_come_from_complete_candidates_of_earlier_generations(uninterrupted_race):
+    storage, _ = uninterrupted_race
+    rec = load("racing", storage)
+    trials = rec.study.get_trials()
+    tasks = config_from_dict(rec.get(StudyAttr.CONFIG)).fitness.split_tasks("fitness")
+    used = 0
+    for t in trials:
+        if t.state != TrialState.PRUNED:
+            continue
+        g = t.user_attrs["generation"]
+        refs = [normalized(u.user_attrs["race_docs"]) for u in sorted(trials, key=lambda u: u.number)
+                if u.state == TrialState.COMPLETE and u.user_attrs["generation"] < g]
+        docs = normalized(t.user_attrs["race_docs"])
+        if not refs:
+            assert t.user_attrs["estimate"] == pytest.approx(estimate(docs, tasks))
+            continue
+        used += 1
+        model = DocModel([chosen_values(r, tasks) for r in refs], [x.task for x in tasks])
+        values = chosen_values(docs, tasks)
+        expected = sum(x.weight * model.full_mean(x.task, values[x.task]) for x in tasks)
+        assert t.user_attrs["estimate"] == pytest.approx(expected)
+    assert used, "no raced-out candidate had references: the test did not exercise the estimate"
+
+
 @pytest.mark.parametrize("crash_points", [["round:3", "tell:5"], ["score:4", "update:1", "round:2"]])
 def test_kill_and_resume_with_racing_replays_the_uninterrupted_study(tmp_path, uninterrupted_race, crash_points):
     storage = f"sqlite:///{tmp_path / 'killed.db'}"
     kill_and_resume(_racing_experiment(tmp_path, "racing"), "racing", storage, crash_points)
     assert trial_rows(storage, "racing") == uninterrupted_race[1]
+    assert _estimates(storage) == _estimates(uninterrupted_race[0])
+
+
+def _estimates(storage: str) -> list:
+    return sorted((t.user_attrs["generation"], t.user_attrs["index"], t.user_attrs.get("estimate"))
+                  for t in load("racing", storage).study.get_trials())
 
 
 def test_tpe_races_through_optunas_wilcoxon_pruner(tmp_path):
@@ -111,3 +162,14 @@ def test_tpe_races_through_optunas_wilcoxon_pruner(tmp_path):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(trials) == 16 and complete
     assert all(len(t.intermediate_values) == 32 for t in complete)  # one value per doc, as WilcoxonPruner needs
+
+
+def test_a_raced_out_estimate_is_shown_but_never_the_best_so_far():
+    from evomerge.progress import Progress
+
+    lines: list[str] = []
+    progress = Progress(10, lines.append)
+    progress.record(0, 0, 0.8)
+    progress.record(0, 1, 0.95, estimated=True, note=" (raced out after round 1, 20 docs)")
+    assert progress.best == 0.8 and progress.best_trial == 0
+    assert "fitness ~0.9500 (raced out" in lines[-1] and "best 0.8000 (#0)" in lines[-1]

@@ -12,6 +12,10 @@ experiments/toy_ps_racing.yaml (`fitness.racing`; `main(racing={...})` overrides
 - Equal cost: racing continued to B = ceil(budget / docs ratio) + one generation trials; the best
   COMPLETE trial among the trials (in order of completion) whose cumulative docs stay within the
   docs full evaluation spent on its budget.
+- The estimate told to CMA-ES for a raced-out candidate (`fitness.racing.estimate`): on the racing
+  study's complete trials, whose full score is known, the error of the full-subset fitness
+  estimated from their first round (and first two rounds) alone, with the Rasch model fitted on
+  the complete trials of earlier generations (what the controller does) against the plain mean.
 - The curve (experiments/benchmarks/racing.png): best-so-far test score against cumulative docs,
   at every `step` docs.
 
@@ -82,6 +86,32 @@ def best_within(steps: list[tuple[int, object]], docs: float):
     return best
 
 
+def estimate_errors(trials, tasks, increments) -> dict[str, list[float]]:
+    """Per model ("mean", "rasch") and round r: estimate from rounds 0..r minus the full fitness,
+    for every COMPLETE trial that has complete trials in earlier generations."""
+    from optuna.trial import TrialState
+
+    from evomerge.fitness import fitness_of
+    from evomerge.racing import Race, normalized
+
+    complete = sorted((t for t in trials if t.state == TrialState.COMPLETE and "race_docs" in t.user_attrs),
+                      key=lambda t: t.number)
+    races = {m: Race(tasks, increments, model=m) for m in ("mean", "rasch")}
+    out: dict[str, list[float]] = {}
+    for t in complete:
+        g = t.user_attrs["generation"]
+        refs = {u.number: normalized(u.user_attrs["race_docs"]) for u in complete if u.user_attrs["generation"] < g}
+        if not refs:
+            continue
+        docs = normalized(t.user_attrs["race_docs"])
+        full = fitness_of(t.user_attrs["scores"], tasks) if "scores" in t.user_attrs else t.value
+        for r in range(len(increments) - 1):
+            part = races["mean"].upto(docs, r)
+            for m, race in races.items():
+                out.setdefault(f"{m}/{r}", []).append(race.told(part, refs) - full)
+    return out
+
+
 def checkpoints(total: int, step: int) -> list[int]:
     out = list(range(step, total + 1, step))
     return out if out and out[-1] == total else out + [total]
@@ -134,6 +164,9 @@ def main(seeds=SEEDS, budget: int = 200, racing: dict | None = None, step: int =
         space = cfg0.space(scorer.materializer.sources.num_layers)
         population = cfg0.optimizer.population or default_population(len(space.dims))
         printer(f"  racing: {world}, population {population}, settings {settings}")
+        from evomerge.racing import round_increments
+
+        increments = round_increments(scorer.shards(1)[0], settings["rounds"])
 
         def run(name: str, seed: int, racing_cfg: dict | None, trials: int, storage: str, resume: bool) -> float:
             fitness = dict(base_cfg["fitness"])
@@ -171,6 +204,8 @@ def main(seeds=SEEDS, budget: int = 200, racing: dict | None = None, step: int =
             extended = math.ceil(budget / ratio) + population
             out["long_seconds"] = shared + run(name, seed, settings, extended, f"sqlite:///{longer}", resumed)
             long = cumulative(load(name, f"sqlite:///{longer}").study.get_trials(deepcopy=False))
+            out["estimate_errors"] = estimate_errors(load(name, f"sqlite:///{same}").study.get_trials(deepcopy=False),
+                                                     cfg0.fitness.split_tasks("fitness"), increments)
             # the figures
             best_full, best_racing = best_within(full, math.inf), best_within(steps, math.inf)
             best_equal = best_within(long, full_docs)
@@ -225,11 +260,31 @@ def _rows(per_seed: list[dict], names, goals, world: str, settings: dict, budget
             racing_test=col("equal_test"), full_test=col("full_test"), racing_trials=col("equal_trials"),
             racing_docs=col("equal_docs"), racing_budget=col("equal_budget"), racing_fitness=col("equal_fitness"),
             **common),
+        *_estimate_rows(per_seed, where),
         row(f"racing: wall time vs full evaluation {where}", spread(col("racing_seconds"))["mean"], "s per study",
             spread(col("full_seconds"))["mean"], "(context: no goal set; per-round overhead on a toy model)", None,
             ratio=spread([s["racing_seconds"] / s["full_seconds"] for s in per_seed])["mean"],
             per_seed=col("racing_seconds"), full_seconds=col("full_seconds")),
     ]
+
+
+def _estimate_rows(per_seed: list[dict], where: str) -> list[dict]:
+    """The told estimate's error on complete trials, Rasch against the plain mean, per round."""
+    pooled: dict[str, list[float]] = {}
+    for s in per_seed:
+        for key, errors in s.get("estimate_errors", {}).items():
+            pooled.setdefault(key, []).extend(errors)
+    mae = lambda key: sum(map(abs, pooled[key])) / len(pooled[key])
+    bias = lambda key: sum(pooled[key]) / len(pooled[key])
+    rows = []
+    for r in sorted({int(k.split("/")[1]) for k in pooled}):
+        rasch, plain = f"rasch/{r}", f"mean/{r}"
+        rows.append(row(f"racing estimate after round {r + 1}: mean abs error of the full fitness, Rasch vs plain "
+                        f"mean {where}", round(mae(rasch), 5), "fitness (fraction)", round(mae(plain), 5),
+                        "value (Rasch) < baseline (plain mean of the docs scored)", mae(rasch) < mae(plain),
+                        ratio=round(mae(rasch) / mae(plain), 4) if mae(plain) else None,
+                        bias=round(bias(rasch), 5), plain_bias=round(bias(plain), 5), trials=len(pooled[rasch])))
+    return rows
 
 
 def draw(per_seed: list[dict], step: int, path: Path, world: str, settings: dict) -> None:
