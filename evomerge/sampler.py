@@ -58,6 +58,11 @@ from evomerge.dims import DimVector
 from evomerge.ledger import Stored, TrialAttr
 from evomerge.objectives import Goal
 from evomerge.sampler_registry import SamplerError, constructor_args, sampler_class, sampler_spec
+from evomerge.study import StudyError
+
+
+class GenerationFailed(StudyError):
+    """A sampler cannot go on from a generation in which every candidate failed."""
 
 
 def derived_seed(*parts: object) -> int:
@@ -145,8 +150,8 @@ class CmaSampler:
         """Tell CMA-ES a whole generation; a failed candidate counts as the generation's worst."""
         values = [v for _, v in results if v is not None]
         if not values:
-            raise RuntimeError(f"every candidate of generation {generation} failed; see the trials' "
-                               "fail_reason (e.g. `evomerge trials STUDY`) and fix the cause before resuming")
+            raise GenerationFailed(f"every candidate of generation {generation} failed, and CMA-ES cannot "
+                                   "update from a generation with no fitness")
         ranked = constrained_values(results)
         worst = min(v for v in ranked if v is not None)
         opt = self._load(state)

@@ -26,10 +26,10 @@ from evomerge.config import ExperimentConfig
 from evomerge.dispatch import InFlight, combine, plan_rounds, round_jobs, shards_per_candidate
 from evomerge.faults import crash_point
 from evomerge.fitness import fitness_of
-from evomerge.ledger import Candidate, Ledger, Phase, StudyAttr, close_orphans
+from evomerge.ledger import Candidate, Ledger, Phase, Stored, StudyAttr, close_orphans
 from evomerge.progress import Progress
 from evomerge.racing import combine_parts, docs_count, make_race, merge_docs
-from evomerge.sampler import GenerationSampler, Proposal
+from evomerge.sampler import GenerationFailed, GenerationSampler, Proposal
 from evomerge.study import StudyRecord
 from evomerge.workers import JobResult
 
@@ -98,11 +98,21 @@ class Controller:
                 if self._pause_requested():
                     return "paused"
                 return "finished" if self._out_of_budget() else "stopped"
-            new_state = self.sampler.update(generation, state, results)
+            try:
+                new_state = self.sampler.update(generation, state, results)
+            except GenerationFailed as exc:
+                raise GenerationFailed(f"{exc}; the first failed with: {self._first_failure(results)}. Fix that "
+                                       "cause (see `evomerge trials STUDY`), then resume") from None
             self.guard()
             self.rec.set(StudyAttr.SAMPLER_STATE, new_state)
             crash_point("update")
         return "finished"
+
+    def _first_failure(self, results: Results) -> str:
+        """The stored reason of the generation's first failed candidate (read once: the run stops)."""
+        number = min(p.trial for p, _ in results if p.trial is not None)
+        trial = next(t for t in self.rec.study.get_trials(deepcopy=False) if t.number == number)
+        return Stored(trial).fail_reason or "no reason recorded"
 
     def _out_of_budget(self, extra: int = 0) -> bool:
         """The budget counts finished candidates (and `extra` in flight); the clock, its deadline."""

@@ -18,9 +18,11 @@ the bottom of this file:
 
 from __future__ import annotations
 
+import atexit
 import copy
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +37,7 @@ from tests.helpers import toy_experiment
 CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 CLI_ENV.pop("EVOMERGE_CRASH_AT", None)
 SCRATCH = Path(tempfile.mkdtemp(prefix="evomerge-bad-input-"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)  # made at import: pytest's tmp_path is per test
 
 
 def run_cli(args: list[str], *, cwd: str | Path | None = None, timeout: float = 300,

@@ -281,6 +281,13 @@ def test_a_dfs_run_whose_every_candidate_fails_is_an_error(tiny_world, tmp_path,
         run_experiment(config_from_dict(raw), RunOptions(storage=storage, runs_dir=tmp_path, inline=True),
                        printer=quiet)
     assert set(load("fam", storage).baselines()) == {"a", "b"}  # the sources scored; the study is kept
+    # CMA-ES stops after the first such generation, with the reason, and the CLI makes it exit 2
+    raw["optimizer"] = {"sampler": "cmaes", "population": 2, "budget": {"trials": 4}}
+    storage = f"sqlite:///{tmp_path / 'fail_cma.db'}"
+    with pytest.raises(StudyError, match="every candidate of generation 0 failed.*first failed with: .*stacking broke"):
+        run_experiment(config_from_dict(raw), RunOptions(storage=storage, runs_dir=tmp_path, inline=True),
+                       printer=quiet)
+    assert len(load("fam", storage).study.get_trials()) == 2
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
