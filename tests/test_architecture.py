@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["version", "schema", "refs", "dims", "faults", "progress", "groups", "kernels", "sparsify", "hf_config",
               "lm_eval_compat", "toy"]),
     ("building blocks", ["method_registry", "merge_ops", "task_vectors", "methods", "sources", "evaluate",
-                         "fitness", "vllm_args", "vllm_backend", "racing", "objectives", "pareto",
+                         "fitness", "vllm_args", "vllm_backend", "irt", "racing", "objectives", "pareto",
                          "sampler_registry", "sampler",
                          "study", "lease", "ledger", "status"]),
     ("kinds", ["kinds"]),
