@@ -20,7 +20,7 @@ from evomerge.ledger import TrialAttr, best_of
 from evomerge.objectives import ObjectiveConfig, make_goal, parse_constraint
 from evomerge.pareto import front_of, hypervolume, non_dominated
 from evomerge.sampler import OptunaSampler, Proposal, constrained_values
-from tests.helpers import kill_and_resume, run_evomerge, toy_experiment, trial_rows
+from tests.helpers import REPO_ROOT, kill_and_resume, run_evomerge, toy_experiment, trial_rows
 from tests.test_sampler import _Space
 
 TASKS = [TaskConfig(task="a"), TaskConfig(task="b")]
@@ -225,12 +225,22 @@ def test_gp_sampler_by_path_draws_a_batch_with_the_other_candidates_running_and_
     assert [p.params for p in again.propose(3, None, study, [0, 1])] == [p.params for p in batch]
 
 
+def test_toy_pareto_yaml_runs_the_gp_sampler_two_at_a_time_on_both_skills():
+    from evomerge.config import load_config
+
+    opt = load_config(REPO_ROOT / "experiments" / "toy_pareto.yaml").optimizer
+    assert (opt.sampler, opt.population, opt.start_at_init) == ("optuna.samplers.GPSampler", 2, None)
+    assert [o.name for o in opt.objectives] == ["toy_add", "toy_cipher"] and opt.budget.trials == 200
+
+
 def test_start_at_init_puts_the_spaces_starting_point_first_for_any_optuna_sampler():
     goal = make_goal(TASKS, [ObjectiveConfig(name="a"), ObjectiveConfig(name="b")], [], [])
     space, study = _Space(3), optuna.create_study(direction="maximize")
-    for name, start, first_is_init in (("optuna.samplers.GPSampler", True, True), ("optuna.samplers.GPSampler", None, False),
-                                       ("motpe", True, True), ("nsga2", None, True), ("nsga2", False, False)):
-        got = OptunaSampler(name, space, seed=1, population=2, goal=goal, start_at_init=start).propose(0, None, study, [0, 1])
+    gp = "optuna.samplers.GPSampler"
+    for name, start, first_is_init in ((gp, True, True), (gp, None, False), ("motpe", True, True),
+                                       ("nsga2", None, True), ("nsga2", False, False)):
+        sampler = OptunaSampler(name, space, seed=1, population=2, goal=goal, start_at_init=start)
+        got = sampler.propose(0, None, study, [0, 1])
         assert (got[0].params == space.init_params()) is first_is_init, name
         assert got[1].params != space.init_params()
     with pytest.raises(ConfigError, match="start_at_init.*always starts at the space's starting point"):
