@@ -64,6 +64,9 @@ class OptimizerConfig(Strict):
     objectives: list[ObjectiveConfig] | None = Field(
         None, description="what a multi-objective sampler (nsga2, nsga3, motpe) is told: fitness tasks or mean, "
                           "each maximized unless direction: minimize (see evomerge.objectives)")
+    start_at_init: bool | None = Field(
+        None, description="an Optuna sampler's candidate 0 of generation 0 is the search space's starting point "
+                          "(every parameter's init, CMA-ES's first mean); default: the sampler's (nsga2, nsga3: yes)")
 
     check_population = field_validator("population")(_check_population)
 
@@ -76,6 +79,9 @@ class OptimizerConfig(Strict):
         problem = sampler_problem(self.sampler, self.sampler_args)
         if problem:
             raise FieldErrors(((problem[0],), problem[1]))
+        if self.start_at_init is False and sampler_spec(self.sampler).optuna_class is None:
+            raise FieldErrors((("start_at_init",), f"the {self.sampler} sampler always starts at the space's starting "
+                                                   "point (its first mean); remove start_at_init"))
         if self.population is not None and self.population < sampler_spec(self.sampler).min_population:
             raise FieldErrors((("population",), _cmaes_population_message(self.population)))
         return self

@@ -244,7 +244,7 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
     diff = _check_stored_config(existing, cfg, opts.resume) if existing else None
     settings = resolve_settings(cfg, opts, existing.get(StudyAttr.SETTINGS) if existing else None, printer)
     sampler = make_sampler(cfg.optimizer.sampler, space, cfg.optimizer.seed, settings.population, settings.workers,
-                           args=cfg.optimizer.sampler_args, goal=cfg.goal)
+                           args=cfg.optimizer.sampler_args, goal=cfg.goal, start_at_init=cfg.optimizer.start_at_init)
     if existing:
         _check_sampler_state(existing, sampler)
 

@@ -178,8 +178,11 @@ class OptunaSampler:
     """
 
     def __init__(self, name: str, space: DimVector, seed: int, population: int,
-                 args: Mapping[str, Any] | None = None, goal: Goal | None = None) -> None:
+                 args: Mapping[str, Any] | None = None, goal: Goal | None = None,
+                 start_at_init: bool | None = None) -> None:
         self.spec = sampler_spec(name)
+        # candidate 0 of generation 0 is the space's starting point (optimizer.start_at_init; None: the registry's)
+        self.start_at_init = self.spec.start_at_init if start_at_init is None else start_at_init
         if self.spec.optuna_class is None:
             raise SamplerError(f"{name!r} is not an Optuna sampler")
         self.cls = sampler_class(self.spec.optuna_class)
@@ -225,7 +228,7 @@ class OptunaSampler:
         dists = self.space.distributions()
         wanted, proposals = set(missing), []
         for i in range(self.population):
-            if generation == 0 and i == 0 and self.spec.start_at_init:
+            if generation == 0 and i == 0 and self.start_at_init:
                 if i in wanted:  # the space's starting point, as CMA-ES's first mean: a parent to breed from
                     proposals.append(Proposal(i, dict(self.space.init_params())))
                 continue
@@ -259,16 +262,18 @@ class OptunaSampler:
 
 
 def make_sampler(name: str, space: DimVector, seed: int, population: int | None, workers: int,
-                 args: Mapping[str, Any] | None = None, goal: Goal | None = None) -> GenerationSampler:
+                 args: Mapping[str, Any] | None = None, goal: Goal | None = None,
+                 start_at_init: bool | None = None) -> GenerationSampler:
     """The sampler `optimizer.sampler` names, built with `optimizer.sampler_args` (`args`); `goal`:
-    the study's objectives and constraints (what an Optuna sampler is told)."""
+    the study's objectives and constraints (what an Optuna sampler is told); `start_at_init`:
+    `optimizer.start_at_init` (an Optuna sampler's first candidate is the space's starting point)."""
     spec = sampler_spec(name)
     if spec.optuna_class is None:
         if args:
             raise SamplerError(f"the {name} sampler takes no arguments; remove sampler_args")
         return CmaSampler(space, seed, population)
     default = default_population(len(space.dims)) if spec.population_from_dims else max(workers, 1)
-    return OptunaSampler(name, space, seed, population or default, args, goal)
+    return OptunaSampler(name, space, seed, population or default, args, goal, start_at_init)
 
 
 def study_sampler(sampler: GenerationSampler) -> optuna.samplers.BaseSampler:

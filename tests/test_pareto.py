@@ -20,7 +20,7 @@ from evomerge.ledger import TrialAttr, best_of
 from evomerge.objectives import ObjectiveConfig, make_goal, parse_constraint
 from evomerge.pareto import front_of, hypervolume, non_dominated
 from evomerge.sampler import OptunaSampler, Proposal, constrained_values
-from tests.helpers import kill_and_resume, run_evomerge, toy_experiment, trial_rows
+from tests.helpers import REPO_ROOT, kill_and_resume, run_evomerge, toy_experiment, trial_rows
 from tests.test_sampler import _Space
 
 TASKS = [TaskConfig(task="a"), TaskConfig(task="b")]
@@ -188,6 +188,66 @@ def test_other_multi_objective_samplers_propose_whole_generations(name):
     _generation_zero(sampler, study, lambda p: (p["weight/m0"] / 2, p["weight/m1"] / 2), lambda a, b: [0.3 - a])
     got = sampler.propose(1, None, study, list(range(6)))
     assert [p.index for p in got] == list(range(6)) and all(len(p.params) == 3 for p in got)
+
+
+class _SpyGP(optuna.samplers.GPSampler):
+    """Optuna's GPSampler that notes how many other trials are RUNNING when it draws one."""
+
+    running: list[int] = []
+
+    def sample_relative(self, study, trial, search_space):
+        others = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        type(self).running.append(sum(t.number != trial.number for t in others))
+        return super().sample_relative(study, trial, search_space)
+
+
+def test_gp_sampler_by_path_draws_a_batch_with_the_other_candidates_running_and_replays_it():
+    """toy_pareto.yaml's sampler: Optuna's GPSampler (logEHVI; with running trials, qLogEHVI) told
+    two objectives. Candidate 1 of a generation is drawn while candidate 0 is RUNNING on the
+    scratch study, so the batch is not one point twice, and a fresh sampler draws the same batch."""
+    goal = make_goal(TASKS, [ObjectiveConfig(name="a"), ObjectiveConfig(name="b")], [], [])
+    path, space = "tests.test_pareto._SpyGP", _Space(3)
+    sampler = OptunaSampler(path, space, seed=4, population=2, args={"n_startup_trials": 4}, goal=goal)
+    study = optuna.create_study(direction="maximize")
+    for g in range(3):  # 6 complete candidates: past the 4 random startup trials
+        for p in sampler.propose(g, None, study, [0, 1]):
+            a, b = p.params["weight/m0"] / 2, (2 - p.params["weight/m1"]) / 2
+            study.add_trial(optuna.trial.create_trial(
+                params=p.params, distributions=space.distributions(), value=(a + b) / 2,
+                user_attrs={TrialAttr.GENERATION: g, TrialAttr.INDEX: p.index, TrialAttr.SCORES: _scores(a, b)}))
+        sampler.update(g, None, [])
+    spy = sampler.cls  # the class the path imports (this module may be imported twice under pytest)
+    spy.running = []
+    batch = sampler.propose(3, None, study, [0, 1])
+    assert spy.running == [0, 1]  # the GP drew both; the second with the first running
+    assert batch[0].params != batch[1].params
+    again = OptunaSampler(path, space, seed=4, population=2, args={"n_startup_trials": 4}, goal=goal)
+    assert [p.params for p in again.propose(3, None, study, [0, 1])] == [p.params for p in batch]
+
+
+def test_toy_pareto_yaml_runs_the_gp_sampler_two_at_a_time_on_both_skills():
+    from evomerge.config import load_config
+
+    opt = load_config(REPO_ROOT / "experiments" / "toy_pareto.yaml").optimizer
+    assert (opt.sampler, opt.population, opt.start_at_init) == ("optuna.samplers.GPSampler", 2, None)
+    assert [o.name for o in opt.objectives] == ["toy_add", "toy_cipher"] and opt.budget.trials == 200
+
+
+def test_start_at_init_puts_the_spaces_starting_point_first_for_any_optuna_sampler():
+    goal = make_goal(TASKS, [ObjectiveConfig(name="a"), ObjectiveConfig(name="b")], [], [])
+    space, study = _Space(3), optuna.create_study(direction="maximize")
+    gp = "optuna.samplers.GPSampler"
+    for name, start, first_is_init in ((gp, True, True), (gp, None, False), ("motpe", True, True),
+                                       ("nsga2", None, True), ("nsga2", False, False)):
+        sampler = OptunaSampler(name, space, seed=1, population=2, goal=goal, start_at_init=start)
+        got = sampler.propose(0, None, study, [0, 1])
+        assert (got[0].params == space.init_params()) is first_is_init, name
+        assert got[1].params != space.init_params()
+    with pytest.raises(ConfigError, match="start_at_init.*always starts at the space's starting point"):
+        config_from_dict(toy_experiment("t", limit=4, optimizer={"sampler": "cmaes", "start_at_init": False}))
+    cfg = config_from_dict(toy_experiment("t", limit=4, optimizer={"sampler": "optuna.samplers.GPSampler",
+                                                                    "start_at_init": True}))
+    assert cfg.optimizer.start_at_init is True
 
 
 # -- a whole run: summary.json, status, export --front ---------------------------------------
