@@ -101,7 +101,7 @@ def run_section(name: str, quick: bool, smoke: bool, printer) -> list[dict]:
 
         if smoke:
             return pareto.main(seeds=(0,), budget=8, samplers={"motpe": 2, "nsga2": 4}, limit=8, test_limit=8, tiny=True,
-                               constrained=("motpe", 2), printer=printer)
+                               constrained=(("motpe", 2),), printer=printer)
         if quick:
             return pareto.main(seeds=(0,), budget=100, printer=printer)
         return pareto.main(printer=printer)

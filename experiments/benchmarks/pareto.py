@@ -18,7 +18,8 @@ points above (0, 0) in (toy_add_test, toy_cipher_test) exact match, fraction x f
 the Pareto front's >= the weighted sum's, per seed, for toy_pareto.yaml's sampler; the other
 samplers' rows are measured the same way.
 
-A constrained run (toy_pareto.yaml with `fitness.constraints` CONSTRAINTS, seed 0): how many front
+A constrained run (toy_pareto.yaml with `fitness.constraints` CONSTRAINTS, seed 0; with its sampler
+and with motpe, CONSTRAINED): how many front
 members break a constraint on the fitness split (goal 0), and the share of the members whose
 constraints also hold on the test split (read against the baselines' test scores; context).
 """
@@ -39,6 +40,8 @@ PARETO = REPO / "experiments" / "toy_pareto.yaml"
 SHIPPED = yaml.safe_load(PARETO.read_text())["optimizer"]
 # sampler -> population; toy_pareto.yaml's first (its sampler_args go to it alone)
 SAMPLERS = {SHIPPED["sampler"]: SHIPPED["population"], "motpe": 2, "nsga2": 20}
+# the constrained run: with toy_pareto.yaml's sampler, and with motpe (the GP found no feasible trial)
+CONSTRAINED = ((SHIPPED["sampler"], SHIPPED["population"]), ("motpe", 2))
 
 
 def _quiet(_: str) -> None:
@@ -58,10 +61,10 @@ def _test_points(summary: dict, names: list[str]) -> list[tuple[float, ...]]:
 
 
 def main(seeds=SEEDS, budget: int = 200, samplers: dict | None = None, limit: int | None = None,
-         test_limit: int | None = None, tiny: bool = False, constrained: bool | tuple[str, int] = True,
-         printer=print) -> list[dict]:
-    """`samplers`: sampler -> population (default SAMPLERS; {} runs only the constrained run);
-    `constrained`: True for the constrained run with toy_pareto.yaml's sampler, or (sampler, population)."""
+         test_limit: int | None = None, tiny: bool = False,
+         constrained: bool | tuple[tuple[str, int], ...] = True, printer=print) -> list[dict]:
+    """`samplers`: sampler -> population (default SAMPLERS; {} runs only the constrained runs);
+    `constrained`: True for the constrained runs with CONSTRAINED's samplers, or ((sampler, population), ...)."""
     from evomerge.config import config_from_dict
     from evomerge.pareto import hypervolume
     from evomerge.runner import RunOptions, run_experiment
@@ -116,8 +119,7 @@ def main(seeds=SEEDS, budget: int = 200, samplers: dict | None = None, limit: in
                                 all(s["front"] >= s["weighted"] for s in got), std=mean_f["std"],
                                 baseline_std=mean_w["std"], per_seed=[s["front"] for s in got],
                                 baseline_per_seed=[s["weighted"] for s in got]))
-        if constrained:  # with toy_pareto.yaml's sampler and population
-            sampler, population = constrained if isinstance(constrained, tuple) else next(iter(SAMPLERS.items()))
+        for sampler, population in (CONSTRAINED if constrained is True else constrained or ()):
             where = f"({world}, {budget} trials, {sampler} population {population}"
             rows += _constrained(run, root, seeds[0], _pareto_optimizer(seeds[0], budget, sampler, population, tasks),
                                  tasks, names[1:], where, tiny)
@@ -134,8 +136,9 @@ def _constrained(run, root: Path, seed: int, optimizer: dict, tasks: list[str], 
     from evomerge.study import load
 
     constraints = ([f"{tasks[0]} >= best_source - 0.05", "mean >= default_merge"] if tiny else CONSTRAINTS)
-    summary, cfg = run(f"constrained-{seed}", optimizer, constraints)
-    rec = load(f"constrained-{seed}", f"sqlite:///{root / f'constrained-{seed}'}.db")
+    name = f"constrained-{optimizer['sampler'].rsplit('.', 1)[-1]}-{seed}"
+    summary, cfg = run(name, optimizer, constraints)
+    rec = load(name, f"sqlite:///{root / name}.db")
     goal, baselines = cfg.goal, rec.baselines()
     trials = {t.number: t for t in rec.study.get_trials(deepcopy=False)}
     members = [trials[m["trial"]] for m in summary["front"]]
