@@ -27,9 +27,9 @@ V7_FIXTURES = Path(__file__).resolve().parent / "fixtures"  # v7's committed wor
 VERSION = 8  # bump whenever the recipe or the data change, so cached worlds are rebuilt
 
 FULL = BuildSpec(
-    base=TrainSpec(steps=400, lr=1e-3, batch_size=128, warmup=20, final_lr_frac=0.25),
-    experts={"add": TrainSpec(steps=400, lr=3e-4, batch_size=128, warmup=20),
-             "cipher": TrainSpec(steps=150, lr=3e-4, batch_size=128, warmup=20),
+    base=TrainSpec(steps=600, lr=1e-3, batch_size=128, warmup=20, final_lr_frac=0.25),
+    experts={"add": TrainSpec(steps=600, lr=3e-4, batch_size=128, warmup=20),
+             "cipher": TrainSpec(steps=200, lr=3e-4, batch_size=128, warmup=20),
              "cipher2": TrainSpec(steps=150, lr=3e-4, batch_size=128, warmup=20)},
 )
 QUICK = BuildSpec(

@@ -3,12 +3,12 @@
 v8 keeps v7's two skills (`add`, `cipher`, the same held-out splits) and adds:
 
 - `cipher2`: a second target cipher (`zkp:abcde=...`), the third expert's skill;
-- `cross`: a sum whose operands are written in the target cipher's letters, `sbx:xy+zw=` where
-  the digits are the letters a-j through the cipher, answered as a plain sum (least significant
-  digit first). The base learns this *format* with its general letter skills on carry-free sums;
-  the cipher expert reads the target cipher's numbers (carry-free sums only), the add expert
-  carries (in the general letter skills). The cross splits hold only sums with a units carry, so
-  neither the base nor any single expert answers them: the skill exists only in a merge.
+- `cross`: a word through the target cipher and a sum, in one answer: `sbx:abcde,47+38=` ->
+  sbx("abcde") + "," + "58" (the sum least significant digit first). The base learns this
+  *format* with its general letter skills and carry-free sums; the cipher expert learns it with
+  the target cipher (carry-free sums only), the add expert with carries (general letter skills
+  only). The cross splits hold only sums with a units carry, so neither the base nor any single
+  expert answers them: the skill exists only in a merge.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ WORLD_SEED = 20248
 SECOND_CIPHER = "zkp"  # the third expert's skill; absent from the base and the replay data
 SKILLS = ("add", "cipher", "cipher2", "cross")
 SPLIT_SIZES = v7.SPLIT_SIZES
-MAX_GEN_TOKS = {"add": 8, "cipher": 8, "cipher2": 8, "cross": 8}
-DIGIT_LETTERS = str.maketrans("0123456789", LETTERS[:10])
+MAX_GEN_TOKS = {"add": 8, "cipher": 8, "cipher2": 8, "cross": 12}
 
 
 def carries(a: int, b: int) -> bool:
@@ -33,13 +32,8 @@ def carries(a: int, b: int) -> bool:
     return a % 10 + b % 10 > 9
 
 
-def number_word(prefix: str, n: int) -> str:
-    """`n` written with the digits as the letters a-j, through the letter skill `prefix`."""
-    return transform(prefix, str(n).translate(DIGIT_LETTERS))
-
-
-def cross_example(prefix: str, a: int, b: int) -> Example:
-    return Example(f"{prefix}:{number_word(prefix, a)}+{number_word(prefix, b)}=", add_answer(a, b))
+def cross_example(prefix: str, word: str, a: int, b: int) -> Example:
+    return Example(f"{prefix}:{word},{a}+{b}=", f"{transform(prefix, word)},{add_answer(a, b)}")
 
 
 def _make_ciphers() -> dict[str, str]:
@@ -71,7 +65,7 @@ REPLAY_MIX = {k: v for k, v in BASE_MIX.items() if k not in ("add", "cross_gener
 # knows: the add expert sums with carries in the general letter skills, the cipher expert writes
 # carry-free sums in the target cipher (as the paper's Japanese model does easy math in Japanese).
 # Only the combination, the target cipher on a sum with a carry, is in no training data.
-EXPERT_MIXES = {"add": {"add": 1.0, "cross_general": 1.0},
+EXPERT_MIXES = {"add": {"add": 0.5, "cross_general": 1.5},
                 "cipher": {"target_cipher": 1.0, "cross_target_nocarry": 1.0},
                 "cipher2": {"second_cipher": 1.0}}
 
@@ -90,7 +84,7 @@ class Stream(v7.Stream):
         while nocarry and (carries(a, b) or a // 10 + b // 10 > 9):
             a, b = self.pair()
         prefix = TARGET_CIPHER if target else self.rng.choice((COPY, *GENERAL_CIPHERS))
-        return cross_example(prefix, a, b)
+        return cross_example(prefix, self.word(), a, b)
 
     def skill(self, name: str) -> Example:
         if name == "second_cipher":
@@ -109,7 +103,7 @@ def eval_split(skill: str, split: str) -> list[Example]:
     if skill == "cipher2":
         return [Example(f"{SECOND_CIPHER}:{w}=", transform(SECOND_CIPHER, w)) for w in (v7.HELD_WORDS[i] for i in idx)]
     if skill == "cross":
-        return [cross_example(TARGET_CIPHER, *CROSS_PAIRS[i]) for i in idx]
+        return [cross_example(TARGET_CIPHER, v7.HELD_WORDS[i], *CROSS_PAIRS[i]) for i in idx]
     raise ValueError(f"unknown skill {skill!r}")
 
 
