@@ -13,6 +13,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 
 from evomerge.fitness import FitnessConfig
 from evomerge.kinds import KINDS, Kind, SearchSpaceConfig, SpaceContext, kind_of
+from evomerge.objectives import ObjectiveConfig
 from evomerge.refs import SourceRef
 from evomerge.schema import ConfigError, FieldErrors, Strict, dotted
 
@@ -53,13 +54,16 @@ def _check_population(v: int | None) -> int | None:
 
 
 class OptimizerConfig(Strict):
-    sampler: str = Field("cmaes", description="cmaes, tpe, random, or the import path of an Optuna sampler "
-                                              "class (e.g. optuna.samplers.QMCSampler)")
+    sampler: str = Field("cmaes", description="cmaes, tpe, random, nsga2, nsga3, motpe, or the import path of an "
+                                              "Optuna sampler class (e.g. optuna.samplers.QMCSampler)")
     sampler_args: dict[str, Any] = Field({}, description="keyword arguments of the sampler's constructor "
                                                          "(an Optuna sampler's, tpe's or random's)")
     population: int | None = None
     seed: int = 0
     budget: BudgetConfig = BudgetConfig()
+    objectives: list[ObjectiveConfig] | None = Field(
+        None, description="what a multi-objective sampler (nsga2, nsga3, motpe) is told: fitness tasks or mean, "
+                          "each maximized unless direction: minimize (see evomerge.objectives)")
 
     check_population = field_validator("population")(_check_population)
 
@@ -155,6 +159,7 @@ class ExperimentConfig(Strict):
         least = sampler_spec(self.optimizer.sampler).min_population
         errors += [(("stages", i, "population"), _cmaes_population_message(st.population))
                    for i, st in enumerate(self.stages or []) if st.population is not None and st.population < least]
+        errors += self._goal_errors()
         if errors:
             raise FieldErrors(*errors)
         return self
@@ -186,6 +191,35 @@ class ExperimentConfig(Strict):
         if self.fitness.backend_args and name != self.fitness.backend:
             raw["fitness"]["backend_args"] = {}
         return config_from_dict(raw, where=f"the experiment with --backend {name}")
+
+    def _goal_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """optimizer.objectives and fitness.constraints, checked against the tasks, sources and sampler."""
+        from evomerge.objectives import MEAN, objective_problems, parse_constraint
+        from evomerge.sampler_registry import sampler_spec
+
+        tasks = [t.task for t in self.fitness.tasks]
+        racing = self.fitness.racing is not None
+        errors = [(("optimizer",) + path, msg) for path, msg in objective_problems(
+            self.optimizer.objectives or [], tasks, self.optimizer.sampler,
+            sampler_spec(self.optimizer.sampler).single_objective, racing)]
+        for i, text in enumerate(self.fitness.constraints):
+            try:
+                parse_constraint(text, tasks + [MEAN], [s.name for s in self.sources])
+            except ValueError as exc:
+                errors.append((("fitness", "constraints", i), str(exc)))
+        if self.fitness.constraints and racing:
+            errors.append((("fitness", "racing"), "racing decides on the fitness alone, so it could stop a feasible "
+                                                  "candidate and keep one that breaks fitness.constraints; remove "
+                                                  "fitness.racing or the constraints"))
+        return errors
+
+    @property
+    def goal(self):
+        """The study's objectives and constraints (`evomerge.objectives.Goal`)."""
+        from evomerge.objectives import make_goal
+
+        return make_goal(self.fitness.tasks, self.optimizer.objectives, self.fitness.constraints,
+                         [s.name for s in self.sources])
 
     def for_stage(self, index: int, best_paths: dict[str, str]) -> "ExperimentConfig":
         """Stage `index` as a one-study experiment; `best_of:X` becomes a source at X's best checkpoint."""

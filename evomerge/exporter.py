@@ -35,6 +35,7 @@ from evomerge.kinds import BuildOptions, Built, RecipeError, check_recipe, kind_
 from evomerge.ledger import Stored, StudyAttr, TrialAttr, best_trial, is_candidate
 from evomerge.output_dir import ExportError, StagedOutput, check_out_dir, write_checkpoint
 from evomerge.refs import SourceRef
+from evomerge.hf_config import num_layers
 from evomerge.sources import read_config, resolve_path, weight_files
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -167,7 +168,7 @@ def check_recipe_sources(recipe, allow_pickle: bool = False) -> None:
         path = resolve_path(ref, allow_pickle=allow_pickle)
         config = read_config(path, ref.name)
         weight_files(path, ref.name, allow_pickle)
-        n = config.get("num_hidden_layers", config.get("n_layer"))
+        n = num_layers(config)
         if n is not None:
             depth[ref.name] = int(n)
     kind_of(recipe).check_depths(recipe, depth)

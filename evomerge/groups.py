@@ -11,8 +11,8 @@ group.
 
 Inside a layer, with `split_kinds`, each tensor is "attn", "mlp" or "other". Modules named for
 attention (`self_attn`, `attn`, `attention`, ...) are attn, modules named for the MLP (`mlp`,
-`feed_forward`, ...) are mlp, including norms inside them (Qwen3's and OLMo2's q_norm / k_norm
-are attn). A norm of the layer itself belongs to the block it normalizes: a pre-norm to the
+`feed_forward`, Mixtral's `block_sparse_moe`, ...) are mlp, including norms inside them
+(Qwen3's and OLMo2's q_norm / k_norm are attn). A norm of the layer itself belongs to the block it normalizes: a pre-norm to the
 block it feeds, a post-norm to the block whose output it normalizes. By family (checked against
 the transformers modeling code):
 
@@ -95,7 +95,7 @@ def block_word(part: str) -> str:
     p = part.lower()
     if "attn" in p or "attention" in p:
         return "attn"
-    if "mlp" in p or "feed_forward" in p or "feedforward" in p or "ffn" in p:
+    if "mlp" in p or "feed_forward" in p or "feedforward" in p or "ffn" in p or "moe" in p:
         return "mlp"
     return "other"
 

@@ -65,6 +65,7 @@ class TrialAttr:
     RACE_PASSED: Final = "race_passed"  # racing: the last round whose decision it survived
     RACED_OUT: Final = "raced_out"  # racing: the round after which it stopped
     ESTIMATE: Final = "estimate"  # racing: the fitness estimate a raced-out candidate is told
+    CONSTRAINTS: Final = "constraints"  # fitness.constraints' values, Optuna's convention: <= 0 holds
 
 
 DEFAULT_MERGE: Final = "default merge"  # the baseline name of the space's default merge
@@ -157,6 +158,15 @@ class Stored:
     def estimate(self) -> float | None:
         return self._get(TrialAttr.ESTIMATE)
 
+    @property
+    def violation(self) -> float:
+        """By how much it breaks fitness.constraints: the sum of the positive constraint values."""
+        return violation_of(self._get(TrialAttr.CONSTRAINTS) or [])
+
+
+def violation_of(constraints: Iterable[float]) -> float:
+    return float(sum(v for v in constraints if v > 0))
+
 
 def is_candidate(t: FrozenTrial) -> bool:
     """A search candidate (the controller labels each with its generation), not some other trial."""
@@ -169,8 +179,10 @@ def candidate_trials(study: optuna.Study, states: tuple[TrialState, ...] | None 
 
 
 def best_of(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
-    """The best COMPLETE candidate: highest fitness, the earlier trial on ties."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and is_candidate(t)]
+    """The best COMPLETE candidate that meets fitness.constraints: highest fitness, the earlier
+    trial on ties (none when every candidate breaks a constraint)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and is_candidate(t)
+            and Stored(t).violation <= 0]
     return max(done, key=lambda t: (t.value, -t.number)) if done else None
 
 
@@ -228,6 +240,7 @@ class Candidate:
     passed: int | None = None  # racing: the last round whose decision it survived
     result: float | None = None  # once finished: what the sampler is told (None: FAIL)
     has_recipe: bool = False
+    violation: float = 0.0  # once scored: by how much it breaks fitness.constraints
 
     def advance(self, to: Phase) -> None:
         if to not in _NEXT[self.phase]:
@@ -260,7 +273,7 @@ def _loaded(t: FrozenTrial) -> Candidate:
     docs = s.race_docs
     phase = _PHASE_OF_STATE.get(t.state, Phase.SCORED if docs else Phase.ASKED)
     return Candidate(s.generation, s.index, dict(t.params), phase, t.number, docs, s.race_passed,
-                     result_of(t) if phase.finished else None, s.recipe is not None)
+                     result_of(t) if phase.finished else None, s.recipe is not None, s.violation)
 
 
 class Ledger:
@@ -315,9 +328,13 @@ class Ledger:
         c.passed = r
         self.rec.set_trial_attr(c.number, TrialAttr.RACE_PASSED, r)
 
-    def record_result(self, c: Candidate, result: Result) -> None:
-        """Its last round is back: scores, workers, time and docs on its trial (before the tell)."""
+    def record_result(self, c: Candidate, result: Result, constraints: list[float] | None = None) -> None:
+        """Its last round is back: scores, workers, time and docs on its trial (before the tell),
+        and its constraint values when the study has constraints."""
         c.advance(Phase.SCORED)
+        if constraints is not None:
+            self.rec.set_trial_attr(c.number, TrialAttr.CONSTRAINTS, constraints)
+            c.violation = violation_of(constraints)
         for key, value in ((TrialAttr.SCORES, result.scores), (TrialAttr.WORKER, result.worker),
                            (TrialAttr.SECONDS, result.seconds), (TrialAttr.DOCS_EVALUATED, result.docs_evaluated)):
             self.rec.set_trial_attr(c.number, key, value)

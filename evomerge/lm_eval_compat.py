@@ -60,9 +60,9 @@ class IndexList(list):
         return item in self.set
 
 
-class _QuietHFLM(HFLM):
-    """HFLM without progress bars (evaluate() gives no way to pass disable_tqdm) that tokenizes
-    each prompt and each batch of prompts once: the same ones come back for every candidate."""
+class _Quiet:
+    """A model class without progress bars (evaluate() gives no way to pass disable_tqdm) and with
+    a tokenization cache: the same prompts come back for every candidate."""
 
     _CACHE_MAX = 1 << 16
 
@@ -75,6 +75,19 @@ class _QuietHFLM(HFLM):
             hit = cache[key] = compute()
         return hit
 
+    def loglikelihood(self, requests, disable_tqdm=True):
+        return super().loglikelihood(requests, disable_tqdm=True)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=True):
+        return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+    def generate_until(self, requests, disable_tqdm=True):
+        return super().generate_until(requests, disable_tqdm=True)
+
+
+class _QuietHFLM(_Quiet, HFLM):
+    """HFLM, quiet, tokenizing each prompt and each batch of prompts once."""
+
     def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
         key = ("encode", string, add_special_tokens, left_truncate_len, tuple(sorted(kwargs.items())))
         return list(self._cached(key, lambda: super(_QuietHFLM, self).tok_encode(
@@ -85,15 +98,6 @@ class _QuietHFLM(HFLM):
         ids, mask = self._cached(key, lambda: super(_QuietHFLM, self).tok_batch_encode(
             strings, padding_side, left_truncate_len, truncation))
         return ids.clone(), mask.clone()
-
-    def loglikelihood(self, requests, disable_tqdm=True):
-        return super().loglikelihood(requests, disable_tqdm=True)
-
-    def loglikelihood_rolling(self, requests, disable_tqdm=True):
-        return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-    def generate_until(self, requests, disable_tqdm=True):
-        return super().generate_until(requests, disable_tqdm=True)
 
 
 def hf_lm(model, tokenizer, batch_size: int | str, max_length: int | None) -> HFLM:
@@ -311,29 +315,13 @@ def vllm_lm_class():
 
 @functools.cache
 def _quiet_vllm(base: type) -> type:
-    class QuietVLLM(base):
-        """No progress bars; each distinct prompt (or batch of prompts) tokenized once."""
-
-        _CACHE_MAX = 1 << 16
+    class QuietVLLM(_Quiet, base):
+        """lm-eval's VLLM, quiet, tokenizing each prompt (or batch of prompts) once."""
 
         def tok_encode(self, string, add_special_tokens=None, **kwargs):
-            key = (string if isinstance(string, str) else tuple(string), add_special_tokens,
+            key = ("encode", string if isinstance(string, str) else tuple(string), add_special_tokens,
                    tuple(sorted(kwargs.items())))
-            cache = self.__dict__.setdefault("_token_cache", {})
-            if key not in cache:
-                if len(cache) >= self._CACHE_MAX:
-                    cache.clear()
-                cache[key] = super().tok_encode(string, add_special_tokens, **kwargs)
-            hit = cache[key]
+            hit = self._cached(key, lambda: base.tok_encode(self, string, add_special_tokens, **kwargs))
             return list(hit) if isinstance(string, str) else [list(t) for t in hit]
-
-        def loglikelihood(self, requests, disable_tqdm=True):
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm=True):
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-        def generate_until(self, requests, disable_tqdm=True):
-            return super().generate_until(requests, disable_tqdm=True)
 
     return QuietVLLM

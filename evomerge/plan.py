@@ -54,8 +54,9 @@ class Plan:
 
 def params_from_config(cfg: dict) -> int:
     """Parameter count of a Llama-style decoder from its config (no weights needed)."""
-    h, layers, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
-    heads = cfg["num_attention_heads"]
+    cfg = _canonical(cfg)
+    h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    inter = cfg.get("intermediate_size") or 4 * h
     head_dim = cfg.get("head_dim") or h // heads
     kv = cfg.get("num_key_value_heads") or heads
     attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
@@ -82,10 +83,40 @@ def shape_of(ref, allow_pickle: bool = False, config_dir: Path | None = None) ->
         else:
             cfg, how = _hub_config(ref), "hub config.json"
         params = params_from_config(cfg)
+    cfg = _canonical(cfg)
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     kv_dim = (cfg.get("num_key_value_heads") or heads) * head_dim
     return ModelShape(ref.name, params, cfg["num_hidden_layers"], cfg["hidden_size"], kv_dim, how)
+
+
+def _source_problems(cfg: ExperimentConfig, refs) -> list[str]:
+    """What the search kind refuses about these sources (a family DFS cannot export, sources PS
+    cannot merge), judged from local config files and headers as `evomerge run` judges them."""
+    from evomerge.sources import SourceError, inspect
+
+    try:
+        infos = {r.name: inspect(r, allow_pickle=cfg.allow_pickle) for r in refs}
+    except SourceError:
+        return []  # not all local (hub snapshots, a later stage's winner): nothing more to check here
+    from evomerge.preflight import check_backend_sources
+
+    try:
+        cfg.kind.check_sources(cfg.search_space, infos)
+        check_backend_sources(cfg, infos)
+    except ValueError as exc:  # SourceError, StackError, ConfigError: the user errors that name the fix
+        return [str(exc)]
+    return []
+
+
+def _canonical(cfg: dict) -> dict:
+    """The decoder's config fields under transformers' canonical names (GPT-2's `n_layer` is
+    `num_hidden_layers`), read through the text config and the family's attribute map."""
+    from evomerge.hf_config import config_value, text_config
+
+    names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+             "intermediate_size", "vocab_size", "tie_word_embeddings")
+    return {**text_config(cfg), **{n: config_value(cfg, n) for n in names}}
 
 
 def _hub_config(ref) -> dict:
@@ -201,7 +232,7 @@ def make_plan(cfg: ExperimentConfig, *, config_dir: Path | None = None, eval_tok
     per_worker = sum(breakdown.values())
     requested = cfg.resources.workers if workers is None else workers
     fit, note = capacity(per_worker, cfg)
-    problems = []
+    problems = _source_problems(cfg, refs)
     if fit is not None and fit < max(1, requested):
         problems.append(f"{requested} worker(s) of {per_worker / GiB:.1f} GiB each do not fit ({note}); "
                         f"at most {fit} fit. Use fewer workers, dtype bfloat16, a smaller fitness.batch_size, "

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Callable
 
 from evomerge.config import ConfigError, ExperimentConfig
-from evomerge.sources import check_tokenizer, inspect
+from evomerge.hf_config import num_layers
+from evomerge.sources import SourceError, check_tokenizer, inspect
 from evomerge.study import check_writable, is_in_memory
 
 
@@ -31,7 +32,17 @@ def build_space(cfg: ExperimentConfig):
     refs = cfg.sources + ([cfg.base] if cfg.base else [])
     infos = {r.name: inspect(r, allow_pickle=cfg.allow_pickle) for r in refs}
     cfg.kind.check_sources(cfg.search_space, infos)
-    return cfg.space({n: int(i.config["num_hidden_layers"]) for n, i in infos.items()})
+    check_backend_sources(cfg, infos)
+    return cfg.space({n: _depth(i) for n, i in infos.items()})
+
+
+def _depth(info) -> int:
+    n = num_layers(info.config)
+    if n is None:
+        raise SourceError(f"source {info.ref.name!r}: {info.path}/config.json gives no decoder depth "
+                          "(num_hidden_layers or its family's name for it); evomerge merges decoder-only "
+                          "language models")
+    return n
 
 
 def _check_backend(cfg: ExperimentConfig) -> None:
@@ -40,6 +51,18 @@ def _check_backend(cfg: ExperimentConfig) -> None:
     missing = backend(cfg.fitness.backend).missing()
     if missing:
         raise ConfigError(f"fitness.backend {cfg.fitness.backend!r}: {missing}; or use `--backend hf`")
+
+
+def check_backend_sources(cfg: ExperimentConfig, infos: dict) -> None:
+    """Can the fitness backend score these sources (config.json only)? ConfigError naming the fix."""
+    from evomerge.fitness import backend, load_attr
+
+    check = backend(cfg.fitness.backend).check_sources
+    if check:
+        try:
+            load_attr(check)({name: info.config for name, info in infos.items()})
+        except ValueError as exc:
+            raise ConfigError(f"fitness.backend {cfg.fitness.backend!r}: {exc}") from None
 
 
 def _tokenizer_ref(cfg: ExperimentConfig):

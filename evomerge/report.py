@@ -13,6 +13,7 @@ from pathlib import Path
 from evomerge.config import ConfigError, ExperimentConfig
 from evomerge.fitness import TaskConfig, metric_value
 from evomerge.ledger import Stored, StudyAttr, best_trial
+from evomerge.pareto import study_front
 from evomerge.study import StudyRecord
 from evomerge.workers import Job
 
@@ -40,13 +41,26 @@ def _models(rec: StudyRecord) -> list[tuple[str, str, dict, Job]]:
     return out
 
 
+def _front(cfg: ExperimentConfig, rec: StudyRecord) -> list[tuple[object, dict, Job]]:
+    """(member, its fitness scores, its test job) for each member of the study's Pareto front."""
+    trials = {t.number: t for t in rec.study.get_trials(deepcopy=False)}
+    out = []
+    for m in study_front(rec.study, cfg.goal):
+        stored = Stored(trials[m.trial])
+        out.append((m, stored.scores, Job(f"test:evolved (trial {m.trial})", split="test", recipe=stored.recipe)))
+    return out
+
+
 def build_summary(cfg: ExperimentConfig, rec: StudyRecord, pool) -> dict:
-    """Score every compared model on the test split (once, cached in the study) and tabulate."""
+    """Score every compared model and front member on the test split (once, cached in the study)
+    and tabulate."""
     fit_tasks, test_tasks = cfg.fitness.split_tasks("fitness"), cfg.fitness.split_tasks("test")
     models = _models(rec)
+    front = _front(cfg, rec)
     cache = dict(rec.get(StudyAttr.TEST_SCORES, {}))
     if test_tasks and pool is not None:
-        jobs = [job for _, _, _, job in models if job.id not in cache]
+        every = {job.id: job for job in [m[3] for m in models] + [f[2] for f in front]}
+        jobs = [job for job in every.values() if job.id not in cache]
         for job in jobs:
             pool.submit(job)
         for _ in jobs:
@@ -63,7 +77,18 @@ def build_summary(cfg: ExperimentConfig, rec: StudyRecord, pool) -> dict:
         rows.append(row)
     from evomerge.status import docs_summary
 
-    return {"study": rec.name, "storage": rec.storage_url, "rows": rows, "docs": docs_summary(rec)}
+    goal = cfg.goal
+    members = []
+    for m, fit_scores, job in front:
+        entry = {"trial": m.trial, "objectives": dict(zip(goal.names, m.values)), "fitness_value": m.fitness,
+                 "fitness": row_scores(fit_scores, fit_tasks)}
+        if job.id in cache:
+            entry["test"] = row_scores(cache[job.id], test_tasks)
+        members.append(entry)
+    return {"study": rec.name, "storage": rec.storage_url, "rows": rows, "docs": docs_summary(rec),
+            "front": members, "front_over": {"objectives": list(goal.names), "directions": list(goal.directions),
+                                             "from": "optimizer.objectives" if goal.configured else "fitness tasks",
+                                             "constraints": list(cfg.fitness.constraints)}}
 
 
 def reference_rows(paths, cfg: ExperimentConfig) -> list[dict]:
@@ -100,6 +125,20 @@ def format_table(summary: dict) -> str:
     cols += [("test", k) for k in rows[0].get("test", {})]
     head = ["model", "kind"] + [f"{split}:{k}" for split, k in cols]
     body = [[r["name"], r["kind"]] + [_pct(r.get(split, {}).get(k)) for split, k in cols] for r in rows]
+    text = _grid(head, body)
+    front = summary.get("front")
+    if front:
+        over = summary.get("front_over", {})
+        cols = [("fitness", k) for k in front[0]["fitness"]] + [("test", k) for k in front[0].get("test", {})]
+        head = ["front member", "kind"] + [f"{split}:{k}" for split, k in cols]
+        body = [[f"trial {m['trial']}", "front"] + [_pct(m.get(split, {}).get(k)) for split, k in cols] for m in front]
+        where = ("optimizer.objectives " if over.get("from") == "optimizer.objectives" else "every fitness task, ")
+        text += (f"\n\nPareto front ({len(front)} feasible, non-dominated trials over {where}"
+                 f"{', '.join(over.get('objectives', []))}):\n" + _grid(head, body))
+    return text
+
+
+def _grid(head: list[str], body: list[list]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))

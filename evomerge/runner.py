@@ -20,7 +20,7 @@ from evomerge.stages import run_stages
 from evomerge.exporter import record_source_fingerprints
 from evomerge.faults import barrier
 from evomerge.lease import LeaseLost
-from evomerge.ledger import StudyAttr
+from evomerge.ledger import Stored, StudyAttr, candidate_trials
 from evomerge.preflight import preflight
 from evomerge.study import StudyError, StudyRecord, create_or_load, default_storage, exists, load, run_dir_for
 from evomerge.workers import InlinePool, RayPool, WorkersLost, start_ray
@@ -244,7 +244,7 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
     diff = _check_stored_config(existing, cfg, opts.resume) if existing else None
     settings = resolve_settings(cfg, opts, existing.get(StudyAttr.SETTINGS) if existing else None, printer)
     sampler = make_sampler(cfg.optimizer.sampler, space, cfg.optimizer.seed, settings.population, settings.workers,
-                           args=cfg.optimizer.sampler_args)
+                           args=cfg.optimizer.sampler_args, goal=cfg.goal)
     if existing:
         _check_sampler_state(existing, sampler)
 
@@ -290,7 +290,21 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions = RunOptions(),
     summary["state"] = final
     path = write_summary(summary, run_dir_for(storage, name))
     printer("\n" + format_table(summary) + f"\n\nsummary: {path}")
+    if final != "paused":
+        _check_some_candidate_scored(rec, resume_line)
     return summary
+
+
+def _check_some_candidate_scored(rec: StudyRecord, resume_line: str) -> None:
+    """A study whose every candidate failed has no result: a StudyError (exit 1) says why."""
+    import optuna
+
+    trials = candidate_trials(rec.study)
+    if trials and all(t.state == optuna.trial.TrialState.FAIL for t in trials):
+        reason = Stored(trials[0]).fail_reason
+        raise StudyError(f"every one of the {len(trials)} candidates of study {rec.name!r} failed, so it has no "
+                         f"result; the first failed with: {reason}. Fix that cause, then run it again (a new "
+                         f"study name, or `{resume_line}` with a larger --budget)")
 
 
 def _adopt(rec: StudyRecord, cfg: ExperimentConfig, opts: RunOptions, settings: Settings, diff: str | None,

@@ -24,8 +24,18 @@ proposal thus depends on the seed, the population and the finished earlier gener
 on when the controller was killed, on candidates of g that finished before a crash, on trials a
 crash left behind (RUNNING, or closed as FAIL on resume), nor on FAIL candidates (the samplers
 learn from COMPLETE trials only). Each proposal reaches the study pre-filled, as CMA-ES's do, when
-it is dispatched. A sampler that keeps its state in trial system attributes (Optuna's CmaEsSampler,
-NSGAIISampler) starts afresh each generation here: use `cmaes` for CMA-ES.
+it is dispatched. Optuna's CmaEsSampler keeps its state in trial system attributes and starts
+afresh each generation here: use `cmaes` for CMA-ES.
+
+With `optimizer.objectives` the scratch study has one direction per objective and each earlier
+candidate is told its objective values (from its stored scores); with `fitness.constraints` it
+carries its stored constraint values as Optuna's trial constraints (which NSGA-II/III and TPE
+read; Optuna 5 deprecates `constraints_func` for them). A genetic sampler (NSGA-II/III, any
+`BaseGASampler`) reads a trial's generation from a system attribute: every earlier candidate is
+given its evomerge generation there, and each new one is asked through a waiting trial that
+carries generation g, so the sampler's generations are evomerge's (its parents: the elite of the
+earlier generations, the same after any resume). CMA-ES, which ranks, places a candidate that
+breaks a constraint below every one that meets them (`constrained_values`).
 """
 
 from __future__ import annotations
@@ -41,10 +51,12 @@ from typing import Any, Protocol
 import numpy as np
 import optuna
 from cmaes import CMA
-from optuna.trial import TrialState
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.dims import DimVector
-from evomerge.ledger import TrialAttr
+from evomerge.ledger import Stored, TrialAttr
+from evomerge.objectives import Goal
 from evomerge.sampler_registry import SamplerError, constructor_args, sampler_class, sampler_spec
 
 
@@ -65,6 +77,7 @@ class Proposal:
     index: int
     params: dict[str, float]
     trial: int | None = None
+    violation: float = 0.0  # once scored: by how much it breaks fitness.constraints (0: it meets them)
 
 
 class GenerationSampler(Protocol):
@@ -134,11 +147,22 @@ class CmaSampler:
         if not values:
             raise RuntimeError(f"every candidate of generation {generation} failed; see the trials' "
                                "fail_reason (e.g. `evomerge trials STUDY`) and fix the cause before resuming")
-        worst = min(values)
+        ranked = constrained_values(results)
+        worst = min(v for v in ranked if v is not None)
         opt = self._load(state)
-        ordered = sorted(results, key=lambda r: r[0].index)
-        opt.tell([(self.space.to_unit(p.params), -(worst if v is None else v)) for p, v in ordered])
+        ordered = sorted(zip(results, ranked), key=lambda r: r[0][0].index)
+        opt.tell([(self.space.to_unit(p.params), -(worst if v is None else v)) for (p, _), v in ordered])
         return {"generation": generation + 1, "cma": base64.b64encode(pickle.dumps(opt)).decode()}
+
+
+def constrained_values(results: list[tuple[Proposal, float | None]]) -> list[float | None]:
+    """What CMA-ES is told under fitness.constraints. CMA-ES uses only the ranking of a generation,
+    so a candidate that breaks a constraint is placed below every one that meets them (the lowest
+    fitness of the generation, minus 1, minus its violation: the less it misses by, the better),
+    and the ones that meet them keep their fitness (the death penalty with a gradient)."""
+    values = [v for _, v in results if v is not None]
+    floor = min(values) - 1.0 if values else 0.0
+    return [None if v is None else (v if p.violation <= 0 else floor - p.violation) for p, v in results]
 
 
 class OptunaSampler:
@@ -149,37 +173,61 @@ class OptunaSampler:
     """
 
     def __init__(self, name: str, space: DimVector, seed: int, population: int,
-                 args: Mapping[str, Any] | None = None) -> None:
+                 args: Mapping[str, Any] | None = None, goal: Goal | None = None) -> None:
         self.spec = sampler_spec(name)
         if self.spec.optuna_class is None:
             raise SamplerError(f"{name!r} is not an Optuna sampler")
         self.cls = sampler_class(self.spec.optuna_class)
         self.name, self.space, self.seed, self.population = name, space, seed, population
         self.args = dict(args or {})
+        self.goal = goal  # configured objectives: told one value each; constraints: told to Optuna
+        self.directions = list(goal.directions) if goal is not None and goal.configured else ["maximize"]
+        # A genetic sampler (NSGA-II/III) reads each trial's generation from this system attribute.
+        ga = issubclass(self.cls, optuna.samplers.BaseGASampler)
+        self.generation_key = self.cls._get_generation_key() if ga else None
         self._drawn: dict[int, dict[str, Any]] = {}  # generation -> scratch study attributes after it
 
     def fresh_sampler(self, generation: int, index: int) -> optuna.samplers.BaseSampler:
         """The sampler that draws candidate `index` of `generation`, seeded from those alone."""
         seed = derived_seed(self.seed, "generation", generation, "index", index)
-        return self.cls(**constructor_args(self.spec, self.args, seed))
+        return self.cls(**constructor_args(self.spec, self.args, seed, self.population))
+
+    def _told(self, t: FrozenTrial) -> FrozenTrial:
+        """An earlier candidate as the sampler learns it: its objectives (or fitness), its
+        constraint values (Optuna's trial constraints, what `constraints_func` would have set) and,
+        for a genetic sampler, its generation."""
+        configured = self.goal is not None and self.goal.configured
+        values = self.goal.values(Stored(t).scores) if configured else [t.value]
+        stored = t.user_attrs.get(TrialAttr.CONSTRAINTS)
+        constraints = {str(i): float(v) for i, v in enumerate(stored)} if stored else None
+        system = {self.generation_key: t.user_attrs[TrialAttr.GENERATION]} if self.generation_key else None
+        return optuna.trial.create_trial(params=t.params, distributions=t.distributions, values=values,
+                                         constraints=constraints, system_attrs=system)
 
     def propose(self, generation: int, state: dict | None, study: optuna.Study,
                 missing: list[int]) -> list[Proposal]:
         """The whole generation is drawn (so it is the same after a resume), then filtered."""
         storage = optuna.storages.InMemoryStorage()  # not create_study: that logs every generation
-        scratch_id = storage.create_new_study([study.direction], "proposals")
+        directions = [StudyDirection.MAXIMIZE if d == "maximize" else StudyDirection.MINIMIZE for d in self.directions]
+        scratch_id = storage.create_new_study(directions, "proposals")
         for key, value in (state or {}).get("study_attrs", {}).items():
             storage.set_study_system_attr(scratch_id, key, value)
         scratch = optuna.load_study(study_name="proposals", storage=storage)
         earlier = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                           if t.user_attrs.get(TrialAttr.GENERATION, generation) < generation),
                          key=lambda t: (t.user_attrs[TrialAttr.GENERATION], t.user_attrs[TrialAttr.INDEX]))
-        scratch.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions,
-                                                      value=t.value) for t in earlier])
+        scratch.add_trials([self._told(t) for t in earlier])
         dists = self.space.distributions()
         wanted, proposals = set(missing), []
         for i in range(self.population):
+            if generation == 0 and i == 0 and self.spec.start_at_init:
+                if i in wanted:  # the space's starting point, as CMA-ES's first mean: a parent to breed from
+                    proposals.append(Proposal(i, dict(self.space.init_params())))
+                continue
             scratch.sampler = self.fresh_sampler(generation, i)
+            if self.generation_key:  # ask pops this waiting trial: the sampler sees its generation
+                storage.create_new_trial(scratch_id, template_trial=optuna.trial.create_trial(
+                    state=TrialState.WAITING, system_attrs={self.generation_key: generation}))
             params = dict(scratch.ask(dists).params)
             if i in wanted:
                 proposals.append(Proposal(i, params))
@@ -206,13 +254,16 @@ class OptunaSampler:
 
 
 def make_sampler(name: str, space: DimVector, seed: int, population: int | None, workers: int,
-                 args: Mapping[str, Any] | None = None) -> GenerationSampler:
-    """The sampler `optimizer.sampler` names, built with `optimizer.sampler_args` (`args`)."""
-    if sampler_spec(name).optuna_class is None:
+                 args: Mapping[str, Any] | None = None, goal: Goal | None = None) -> GenerationSampler:
+    """The sampler `optimizer.sampler` names, built with `optimizer.sampler_args` (`args`); `goal`:
+    the study's objectives and constraints (what an Optuna sampler is told)."""
+    spec = sampler_spec(name)
+    if spec.optuna_class is None:
         if args:
             raise SamplerError(f"the {name} sampler takes no arguments; remove sampler_args")
         return CmaSampler(space, seed, population)
-    return OptunaSampler(name, space, seed, population or max(workers, 1), args)
+    default = default_population(len(space.dims)) if spec.population_from_dims else max(workers, 1)
+    return OptunaSampler(name, space, seed, population or default, args, goal)
 
 
 def study_sampler(sampler: GenerationSampler) -> optuna.samplers.BaseSampler:

@@ -68,6 +68,8 @@ class Controller:
         self.rounds = plan_rounds(cfg, subset, shards_per_candidate(cfg, getattr(pool, "size", 1)))
         self.race = make_race(cfg, sampler, subset, self.rounds)
         self.distributions = space.distributions()
+        self.goal = cfg.goal  # objectives and constraints (evomerge.objectives)
+        self.baselines: dict = {}
 
     def run_baselines(self) -> None:
         """Each source alone and the space's default merge, scored once and kept in the study."""
@@ -79,6 +81,9 @@ class Controller:
         self.guard()
         close_orphans(self.rec, self.distributions)
         self.ledger = Ledger(self.rec)
+        self.baselines = self.rec.baselines()
+        if self.goal.constraints:
+            self.goal.check_baselines(self.baselines)  # a constraint with nothing to compare to stops here
         self.progress.done_before = self.ledger.finished
         best = self.ledger.best_when_read
         if best is not None:
@@ -127,7 +132,7 @@ class Controller:
         done = [cands.get(i) for i in range(self.sampler.population)]
         if any(c is None or not c.phase.finished for c in done):
             return None
-        return [(Proposal(c.index, c.params, c.number), c.result) for c in done]
+        return [(Proposal(c.index, c.params, c.number, c.violation), c.result) for c in done]
 
     def _score_round(self, r: int, shards: list, todo: list[Candidate], cands: dict[int, Candidate]) -> bool:
         """Score round r's docs of every candidate in `todo`, keeping every worker busy."""
@@ -178,7 +183,10 @@ class Controller:
         """Its last round is back (or a shard failed): store what it scored, then tell the study."""
         self.guard()
         result = combine(parts, c.docs, self.full_docs, self.racing)
-        self.ledger.record_result(c, result)
+        constraints = None
+        if self.goal.constraints and result.error is None:
+            constraints = self.goal.constraint_values(result.scores, self.baselines)
+        self.ledger.record_result(c, result, constraints)
         if result.race_docs:
             self.race.report(self.rec, c.number, combine_parts(parts))
         value = float("nan") if result.error is not None else fitness_of(result.scores, self.tasks)

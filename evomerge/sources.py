@@ -23,6 +23,7 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 
+from evomerge.hf_config import config_value, num_layers
 from evomerge.refs import SourceRef
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -160,7 +161,7 @@ def check_compatible(configs: dict[str, dict], shapes: dict[str, dict[str, tuple
     ref = names[0]
     for other in names[1:]:
         for key in _STRUCTURAL_FIELDS:
-            a, b = configs[ref].get(key), configs[other].get(key)
+            a, b = config_value(configs[ref], key), config_value(configs[other], key)
             if a != b:
                 raise SourceError(
                     f"sources {ref!r} and {other!r} cannot be merged: config field {key!r} is {a!r} "
@@ -230,7 +231,11 @@ class SourceSet:
 
     @property
     def num_layers(self) -> int:
-        return int(self.base.config.get("num_hidden_layers") or self.base.config.get("n_layer"))
+        n = num_layers(self.base.config)
+        if n is None:
+            raise SourceError(f"source {self.base.ref.name!r}: its config.json gives no decoder depth "
+                              "(num_hidden_layers); evomerge merges decoder-only language models")
+        return n
 
     @property
     def resident_bytes(self) -> int:

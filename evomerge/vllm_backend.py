@@ -58,13 +58,15 @@ class _Engine:
         self.lm.model = _GuardedLLM(self.lm.model)
         logging.getLogger("vllm").setLevel(logging.ERROR)  # it logs every reload and every batch
         self.holds: object | None = None  # the model object whose current weights the engine holds
+        self.last_model: object | None = None  # the model object it last served (see _engine_for)
+        self.options = options
 
     def sync(self, model) -> None:
         """Stream the model's weights into the engine unless it already holds them."""
         if self.holds is model:
             return
         self.holds = None
-        weights = [(name, p.detach()) for name, p in model.named_parameters()]
+        weights = list(checkpoint_weights(model).items())
         with _engine_calls("reloading the weights"):
             self.lm.model.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.holds = model
@@ -126,13 +128,28 @@ def engine_key(model, options: VLLMArgs) -> str:
 
 
 def _engine_for(model, tokenizer, options: VLLMArgs, seed: int) -> _Engine:
+    """The worker's engine for this model; its key (the whole config as JSON) is computed only for
+    a model object the engine was not last used with, not on every call."""
     global _ENGINE
+    if _ENGINE is not None and _ENGINE.last_model is model and _ENGINE.options == options:
+        return _ENGINE
     if _ENGINE is None or _ENGINE.key != engine_key(model, options):
         if _ENGINE is not None:  # another architecture: one engine at a time per worker
             _ENGINE.close()
             _ENGINE = None
         _ENGINE = _Engine(model, tokenizer, options, seed)
+    _ENGINE.last_model, _ENGINE.options = model, options
     return _ENGINE
+
+
+def checkpoint_weights(model) -> dict[str, torch.Tensor]:
+    """The model's weights under their checkpoint names, which vLLM's loader reads: transformers'
+    own reversal of its load-time conversions (`save_pretrained` uses it), so a family whose keys
+    it renames (GPT-NeoX's `embed_out`) or whose experts it fuses (Mixtral) is streamed as its
+    checkpoint; for the others it hands back the parameters themselves (no copy)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, {name: p.detach() for name, p in model.named_parameters()})
 
 
 def _context_length(model) -> int:

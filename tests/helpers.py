@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from evomerge.groups import Granularity
 from evomerge.sources import SourceRef, SourceSet, open_sources
 from evomerge.kinds.ps.config import ParamRange
 from evomerge.kinds.ps.space import PSSpace
 from evomerge.study import load
+from evomerge.toy.tokenizer import build_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_TASKS = REPO_ROOT / "tests" / "data" / "tiny_tasks"
@@ -182,3 +184,41 @@ def storage_url(kind: str, tmp_path: Path) -> str:
     if not url:
         pytest.skip("set EVOMERGE_TEST_POSTGRES_URL (.ci/run starts a PostgreSQL server) to test PostgreSQL")
     return url
+
+
+# -- tiny models of every decoder family (random weights, the toy tokenizer) -------------------
+# Set when the family's config has the field (names differ: GPT-2's eps is layer_norm_epsilon).
+_OPTIONAL = dict(num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, layer_norm_eps=1e-6,
+                 layer_norm_epsilon=1e-6, num_local_experts=4, num_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=32, shared_expert_intermediate_size=32)
+
+
+def family_config(family: str, **overrides):
+    tok = build_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "gpt2":  # its own field names: the point of testing it
+        config = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=64, n_layer=4, n_head=4, n_positions=64,
+                                      initializer_range=0.2, **ids)
+    else:
+        config = AutoConfig.for_model(family, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=64,
+                                      initializer_range=0.2, **ids)
+    for key, value in {**_OPTIONAL, **overrides}.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    return config
+
+
+def save_family(path: Path, family: str, seed: int, base: Path | None = None, **overrides) -> Path:
+    """The family's base (random) or, with `base`, an expert: base + 0.05 * noise."""
+    torch.manual_seed(seed)
+    if base is None:
+        model = AutoModelForCausalLM.from_config(family_config(family, **overrides))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path

@@ -17,15 +17,16 @@ MAX_LINES = 400
 
 # Bottom to top. A module imports modules of its own layer (without a cycle) or of lower ones.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["version", "schema", "refs", "dims", "faults", "progress", "groups", "kernels", "sparsify",
+    ("base", ["version", "schema", "refs", "dims", "faults", "progress", "groups", "kernels", "sparsify", "hf_config",
               "lm_eval_compat", "toy"]),
     ("building blocks", ["method_registry", "merge_ops", "task_vectors", "methods", "sources", "evaluate",
-                         "fitness", "vllm_args", "vllm_backend", "racing", "sampler_registry", "sampler",
+                         "fitness", "vllm_args", "vllm_backend", "racing", "objectives", "pareto",
+                         "sampler_registry", "sampler",
                          "study", "lease", "ledger", "status"]),
     ("kinds", ["kinds"]),
     ("config", ["config"]),
     ("orchestration", ["output_dir", "workers", "baselines", "dispatch", "search", "report", "plan", "preflight",
-                       "runner", "stages", "rescore", "exporter", "modelcard", "trial_table"]),
+                       "runner", "stages", "rescore", "exporter", "front_export", "modelcard", "trial_table"]),
     ("interfaces", ["cli", "dashboard", ""]),  # "": the package itself, the public API
 ]
 

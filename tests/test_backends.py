@@ -78,8 +78,7 @@ def test_a_missing_vllm_is_refused_before_the_study_is_written(tmp_path):
     out = run_evomerge(["run", str(EXPERIMENTS / "toy_ps_vllm.yaml"), "--storage", storage, "--budget", "2"])
     assert out.returncode != 0
     assert "it needs the 'vllm' package, which is not installed: pip install 'evomerge[vllm]'" in out.stderr
-    assert not (tmp_path / "v.db").exists() or "toy_ps_vllm" not in run_evomerge(
-        ["list", "--storage", storage]).stdout
+    assert not (tmp_path / "v.db").exists()  # refused before the study database is created
 
 
 def test_plan_counts_the_engine_instead_of_hf_activations():
@@ -129,3 +128,22 @@ def test_an_engine_that_dies_loses_the_worker_not_the_candidate():
     with pytest.raises(WorkersLost, match="the only worker's evaluator died while scoring trial:0/0"):
         pool.submit(Job("trial:0/0", recipe={}))
     assert pool._done == []  # nothing recorded as a failed candidate
+
+
+def test_plan_refuses_a_family_vllm_cannot_reload_exactly(tmp_path):
+    from tests.helpers import save_family
+
+    base = save_family(tmp_path / "base", "mixtral", 0)
+    world = {"base": base, "a": save_family(tmp_path / "a", "mixtral", 1, base=base),
+             "b": save_family(tmp_path / "b", "mixtral", 2, base=base)}
+    raw = {"name": "moe", "base": {"name": "base", "path": str(world["base"])},
+           "sources": [{"name": n, "path": str(world[n])} for n in ("a", "b")],
+           "search_space": {"kind": "ps", "method": "task_arithmetic"},
+           "fitness": {"include": [str(REPO_ROOT / "tests" / "data" / "tiny_tasks")], "tasks": [{"task": "tiny_add"}],
+                       "backend": "vllm"}}
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump(raw))
+    out = run_evomerge(["plan", str(tmp_path / "moe.yaml")])
+    assert out.returncode == 2
+    assert "is a 'mixtral' model, and the vllm backend scores only the families whose in-place weight reload " \
+           "is measured exact" in out.stdout
+    assert run_evomerge(["plan", str(tmp_path / "moe.yaml"), "--backend", "hf"]).returncode == 0

@@ -22,7 +22,7 @@ def test_benchmark_command_writes_rows(tmp_path):
     assert isinstance(rows, list) and rows
     sections = {r["section"] for r in rows}
     assert sections == {"materialize", "evaluation", "utilization", "dfs", "search", "racing", "bookkeeping",
-                        "backends"}
+                        "backends", "pareto"}
     for r in rows:
         assert {"name", "value", "unit", "baseline", "goal", "met"} <= r.keys(), r
         assert isinstance(r["name"], str) and isinstance(r["goal"], str) and r["met"] in (True, False, None)

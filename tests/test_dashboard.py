@@ -224,7 +224,8 @@ def test_study_page_shows_curve_scores_heatmap_links_and_forms(app):
     assert "background:#" in page
     assert "view=analytics" in page and "/csv/" in page
     token = app.guard.form_token
-    assert page.count(f'name="token" value="{token}"') == 2  # Resume (paused study) and Export
+    # Resume (paused study), Export, and the Export of the Pareto front's one member (trial 5)
+    assert page.count(f'name="token" value="{token}"') == 3
     assert 'action="/evomerge/resume"' in page and 'action="/evomerge/pause"' not in page
 
 

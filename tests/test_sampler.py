@@ -175,7 +175,7 @@ def test_an_optuna_sampler_by_path_is_built_with_its_arguments_and_seed():
 
 @pytest.mark.parametrize("optimizer, field, message", [
     ({"sampler": "genetic"}, "optimizer.sampler",
-     r"unknown sampler 'genetic'; use one of cmaes, tpe, random, or the import path of an Optuna sampler class"),
+     r"unknown sampler 'genetic'; use one of cmaes, tpe, random, motpe, nsga2, nsga3, or the import path of an Optuna sampler class"),
     ({"sampler": "optuna.samplers.NoSuchSampler"}, "optimizer.sampler",
      r"'optuna.samplers.NoSuchSampler' does not import \(AttributeError"),
     ({"sampler": "optuna.study.Study"}, "optimizer.sampler",

@@ -152,8 +152,19 @@ def cmd_toy_build(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from evomerge.exporter import export_study
+    from evomerge.exporter import ExportError, export_study
 
+    if args.checkpoints and not args.front:
+        raise ExportError("--checkpoints goes with --front (a single trial's export always has its checkpoint)")
+    if args.front:
+        if args.trial is not None:
+            raise ExportError("give --trial N (one trial) or --front (every front member), not both")
+        from evomerge.front_export import export_front
+
+        export_front(args.study_name, _storage_for(args.study_name, args.storage), out=args.out,
+                     checkpoints=args.checkpoints, max_shard_size=args.max_shard_size, device=args.device,
+                     force=args.force, rescore=not args.no_rescore, verify=not args.no_verify)
+        return 0
     export_study(args.study_name, _storage_for(args.study_name, args.storage), args.trial, out=args.out,
                  max_shard_size=args.max_shard_size, device=args.device, force=args.force,
                  rescore=not args.no_rescore, verify=not args.no_verify)

@@ -91,6 +91,11 @@ def _add_export_parsers(sub) -> None:
                                    "summary.json for one trial of a study. Says where mergekit.yaml is not exact.")
     p.add_argument("study_name", metavar="STUDY")
     p.add_argument("--trial", type=int, help="trial number (default: the best COMPLETE candidate)")
+    p.add_argument("--front", action="store_true",
+                   help="every member of the study's Pareto front: OUT/trial-N/ with recipe.yaml and model card "
+                        "each, and OUT/front.json")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="with --front: a full export (checkpoint, mergekit.yaml) of each member")
     p.add_argument("--storage", help="storage URL (default: ./runs/STUDY/study.db)")
     checkpoint_options(p)
     p.add_argument("--no-rescore", action="store_true",

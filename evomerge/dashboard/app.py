@@ -18,7 +18,7 @@ import yaml
 
 from evomerge.dashboard import pages
 from evomerge.dashboard.actions import ActionRefused, Actions, Launcher, detached, exports_of
-from evomerge.dashboard.data import NotFound, Storages, StudyRef, list_rows, study_page, trial_recipe
+from evomerge.dashboard.data import NotFound, Storages, StudyRef, list_rows, pareto_view, study_page, trial_recipe
 from evomerge.dashboard.security import AUTH_COOKIE, Guard, PathRefused, inside_root
 from evomerge.dashboard.web import BadRequest, Flash, Request, Response, download, error, html, redirect
 from evomerge.status import discover_storages
@@ -162,8 +162,10 @@ class DashboardApp:
         if req.query.get("name"):
             ref = self._ref(req.query)
             view = req.query.get("view", "")
-            if view not in ("", "analytics", "trials", "trialTable", "note"):
+            if view not in ("", "analytics", "trials", "trialTable", "note", "pareto"):
                 raise BadRequest(400, f"unknown optuna-dashboard view {view!r}")
+            if view == "pareto":  # optuna-dashboard draws fronts of multi-objective studies: the study's view
+                ref, view = pareto_view(self.storages, ref), "analytics"
             target = f"/dashboard/studies/{self.storages.optuna_id(ref)}" + (f"/{view}" if view else "")
         else:
             self.storages.storage(_int(index))

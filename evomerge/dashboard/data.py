@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
+from evomerge.dashboard.front import study_front
 from evomerge.fitness import FitnessError, metric_value
 from evomerge.ledger import Stored, StudyAttr, best_of, candidate_trials
+from evomerge.pareto import is_view
 from evomerge.status import StudyStatus, study_status
 from evomerge.study import StudyRecord, open_storage
 
@@ -80,6 +82,7 @@ class StudyPage:
     fitness_scores: ScoreTable
     test_scores: ScoreTable | None
     param_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    front: object = None  # evomerge.dashboard.front.Front, None for a study without a snapshot
 
 
 @dataclass
@@ -130,7 +133,7 @@ class Storages:
             raise NotFound(f"no study {ref.name!r} in storage #{ref.index} ({ref.storage})") from None
 
     def names(self, index: int) -> list[str]:
-        return [s.study_name for s in self.storage(index).get_all_studies()]
+        return [s.study_name for s in self.storage(index).get_all_studies() if not is_view(s.user_attrs)]
 
 
 def study_row(storages: Storages, ref: StudyRef, rec: StudyRecord | None = None) -> StudyRow:
@@ -202,7 +205,21 @@ def study_page(storages: Storages, ref: StudyRef) -> StudyPage:
         fitness_scores=score_table(_tasks(config, "fitness"), fit_models),
         test_scores=score_table(test_tasks, test_models) if test_models and test_tasks else None,
         param_ranges=_param_ranges(config),
+        front=study_front(rec, trials),
     )
+
+
+def pareto_view(storages: Storages, ref: StudyRef) -> StudyRef:
+    """The study's multi-objective view (NAME:pareto), rebuilt now, for optuna-dashboard's Pareto plot."""
+    from evomerge.objectives import goal_of_snapshot
+    from evomerge.pareto import refresh_view
+
+    rec = storages.record(ref)
+    config = rec.get(StudyAttr.CONFIG)
+    if not config:
+        raise NotFound(f"study {ref.name!r} has no experiment snapshot, so it has no objectives to plot")
+    view = refresh_view(storages.storage(ref.index), ref.name, goal_of_snapshot(config), candidate_trials(rec.study))
+    return StudyRef(ref.index, ref.storage, view)
 
 
 def trial_recipe(storages: Storages, ref: StudyRef, number: int | None) -> tuple[int, dict]:

@@ -8,6 +8,7 @@ from urllib.parse import quote, urlencode
 from evomerge.dashboard.actions import ExportDir, Job, log_tail
 from evomerge.dashboard.charts import e, fitness_svg, recipe_html
 from evomerge.dashboard.data import ScoreTable, StorageError, StudyPage, StudyRef, StudyRow
+from evomerge.dashboard.front import front_html
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1b1f24;background:#fafbfc}
@@ -216,6 +217,7 @@ def study_html(page: StudyPage, token: str, exports: list[ExportDir], jobs: list
             f"{score_table(page.fitness_scores)}{test}"
             f"<h2>Best recipe{f' (trial {page.best.number})' if page.best else ''}</h2>"
             f"{recipe_html(page.best_recipe, page.param_ranges)}{recipe_link}"
+            f"{front_html(page.front, ref, token)}"
             f"<h2>Exports</h2>{_exports(exports)}{_jobs(jobs)}")
 
 

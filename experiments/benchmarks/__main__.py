@@ -6,7 +6,7 @@ same run: the machine is shared and noisy) and writes the rows as a JSON list of
 NOT REACHED with the figure. See experiments/benchmarks/README.md for what each section measures,
 the latest table, and how long the full and --quick runs take.
 
-Sections: materialize, evaluation, utilization, dfs, search, racing, bookkeeping, backends (needs vLLM: run it
+Sections: materialize, evaluation, utilization, dfs, search, racing, bookkeeping, pareto, backends (needs vLLM: run it
 with .venv-vllm/bin/python; EVOMERGE_BENCH_DEVICE=cuda for the GPU figures). `--smoke` runs every section
 on tiny settings (seconds; used by tests/test_benchmarks.py; its figures mean nothing).
 """
@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("materialize", "evaluation", "utilization", "dfs", "search", "racing", "bookkeeping", "backends")
+SECTIONS = ("materialize", "evaluation", "utilization", "dfs", "search", "racing", "bookkeeping", "pareto",
+            "backends")
 
 
 def _environment() -> None:
@@ -95,6 +96,15 @@ def run_section(name: str, quick: bool, smoke: bool, printer) -> list[dict]:
         if smoke:
             return bookkeeping.main(trials=48, window=16, printer=printer)
         return bookkeeping.main(trials=1000 if quick else 5000, printer=printer)
+    if name == "pareto":
+        from experiments.benchmarks import pareto
+
+        if smoke:
+            return pareto.main(seeds=(0,), budget=8, samplers={"motpe": 2, "nsga2": 4}, limit=8, test_limit=8, tiny=True,
+                               constrained=("motpe", 2), printer=printer)
+        if quick:
+            return pareto.main(seeds=(0,), budget=100, printer=printer)
+        return pareto.main(printer=printer)
     if name == "backends":
         from experiments.benchmarks import backends
 

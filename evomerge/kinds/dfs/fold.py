@@ -1,20 +1,27 @@
 """Export a DFS recipe as a plain checkpoint of model A's architecture, input scales folded in.
 
-Why the fold is exact for pre-norm RMSNorm decoders (up to the norms' eps). The stacked model
+Which tensors carry the factors is the family's `FoldRule` (`families.py`); the embeddings are
+every `nn.Embedding` outside the decoder layers (GPT-2's position embeddings too).
+
+Why the fold is exact for pre-norm decoders (up to the norms' eps). The stacked model
 feeds hop k with x_k = s_k * h_k, h_k being the residual stream that leaves hop k-1. Let
 c_k = s_0 * ... * s_k and suppose the plain model's stream entering hop k is g_k = x_k * K / c_k
 for one constant K > 0. Each branch of hop k (attention, MLP) reads the stream only through an
 RMSNorm, which ignores a positive factor, so it computes what the scaled model's branch
 computes; dividing the branch's last linear map (o_proj, down_proj; weight and bias) by
 c_k / K makes its output K / c_k times the scaled model's, the same factor as the stream it is
-added to. So the plain stream leaving hop k is h_{k+1} * K / c_k = x_{k+1} * K / c_{k+1}, the
+added to. (MoE: every expert's down projection and the shared expert's; the router reads the
+norm too. Sandwich-norm families (Gemma 2/3) normalize the branch output before adding it, so
+there the norm's gain is divided instead: gain' = (offset + w) / d - offset, offset 1 for
+Gemma's `x * (1 + w)` norms, measured from the norm module itself.) So the plain stream leaving hop k is h_{k+1} * K / c_k = x_{k+1} * K / c_{k+1}, the
 claim for hop k+1. It holds at hop 0 when the embedding rows are multiplied by K (g_0 = K * e,
 x_0 = s_0 * e, c_0 = s_0). The final RMSNorm removes the last factor K / c_last.
 
 RMSNorm(v / a) = v / sqrt(mean(v^2) + a^2 * eps): a factor a != 1 changes the effective eps.
 We take K = s_0, so hop 0's scale folds into the embeddings and the first hop, where the
 residual stream is smallest and eps matters most, is exact; hop k's branch outputs are divided
-by s_1 * ... * s_k. With tied embeddings the embedding matrix is also the head, so K = 1.
+by s_1 * ... * s_k. With tied embeddings the embedding matrix is also the head, so K = 1, unless
+the family scales its logits by a config field (Cohere's `logit_scale`), which then takes K back.
 
 Precision. Each folded tensor is upcast to float64, multiplied by K or divided by its hop's
 divisor, and cast to the export dtype once: every stored value is the export-dtype number
@@ -36,15 +43,13 @@ import math
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
+from evomerge.kinds.dfs.families import FoldRule, fold_rule
+from evomerge.kinds.dfs.layers import layer_site
 from evomerge.kinds.dfs.recipe import DFSRecipe
-from evomerge.kinds.dfs.stack import StackedModelBuilder, StackError, check_sources, decoder
+from evomerge.kinds.dfs.stack import StackedModelBuilder, StackError, check_sources
 
 log = logging.getLogger(__name__)
 
-# Pre-norm RMSNorm decoders whose branches end in o_proj / down_proj with nothing after them
-# (Gemma's and OLMo-2's output norms would undo the fold, so they are not listed).
-FOLDABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_BRANCH_OUTPUTS = ("self_attn.o_proj.", "mlp.down_proj.")
 _FOLD_CHUNK = 1 << 24  # elements per float64 slice in folded_copy
 
 
@@ -58,41 +63,86 @@ def fold_factors(recipe: DFSRecipe, tied: bool) -> tuple[float, list[float]]:
     return k0, divisors
 
 
-def check_foldable(model: PreTrainedModel) -> None:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in FOLDABLE_MODEL_TYPES:
-        raise StackError(f"exporting a DFS model as a plain checkpoint folds input scales into o_proj and "
-                         f"down_proj, which is proven for {FOLDABLE_MODEL_TYPES}, not {model_type!r}")
+def check_foldable(model: PreTrainedModel) -> FoldRule:
+    """The model's fold rule; a FamilyError (a StackError) names the family and why when it has none."""
+    return fold_rule(model.config.to_dict())
 
 
 def export_state(models: dict[str, PreTrainedModel], recipe: DFSRecipe
                  ) -> tuple[PreTrainedConfig, dict[str, torch.Tensor]]:
     """Config and independent, folded tensors of the plain model equivalent to the recipe."""
     a = check_sources(models, recipe)
-    check_foldable(a)
+    rule = check_foldable(a)
     stacked = StackedModelBuilder(models, recipe.model_a.name).build(recipe)
-    tied = bool(getattr(a.config, "tie_word_embeddings", False))
-    k0, divisors = fold_factors(recipe, tied)
+    tied = bool(getattr(a.config.get_text_config(), "tie_word_embeddings", False))
+    k0, divisors = fold_factors(recipe, tied and rule.logit_scale is None)
     _warn_if_extreme(divisors, a.dtype)
-    embed_key = _key_of(stacked, decoder(stacked).embed_tokens.weight)
-    layers = _key_of(stacked, decoder(stacked).layers) + "."
+    prefix = layer_site(stacked).prefix
+    embeds = _embedding_keys(stacked, prefix)
+    offsets = _norm_offsets(stacked, prefix, rule)
     state = {}
     for key, t in stacked.state_dict().items():
-        multiplier, divisor = 1.0, 1.0
-        if key == embed_key:
+        multiplier, divisor, offset = 1.0, 1.0, 0.0
+        if key in embeds:
             multiplier = k0
-        elif key.startswith(layers):
-            hop, rest = key[len(layers):].split(".", 1)
-            if rest.startswith(_BRANCH_OUTPUTS):
+        elif key.startswith(prefix):
+            hop, rest = key[len(prefix):].split(".", 1)
+            module, _, leaf = rest.rpartition(".")
+            if _matches(rest, rule.branch_outputs):
                 divisor = divisors[int(hop)]
-        state[key] = folded_copy(t, multiplier, divisor)
+            elif _matches(rest, rule.stream_inputs):
+                multiplier = divisors[int(hop)]
+            elif module in rule.post_norms:
+                divisor = divisors[int(hop)]
+                offset = offsets[f"{hop}.{module}"] if leaf == "weight" else 0.0
+        state[key] = folded_copy(t, multiplier, divisor, offset)
     if tied:
         state.pop(_key_of(stacked, stacked.get_output_embeddings()) + ".weight", None)
-    return copy.deepcopy(stacked.config), state
+    config = copy.deepcopy(stacked.config)
+    if tied and rule.logit_scale is not None:  # the tied head is K times larger: logits / K
+        setattr(config, rule.logit_scale, getattr(config, rule.logit_scale) / k0)
+    return config, state
 
 
-def folded_copy(t: torch.Tensor, multiplier: float = 1.0, divisor: float = 1.0) -> torch.Tensor:
-    """An independent copy of `t` times `multiplier` / `divisor`, rounded once to `t`'s dtype.
+def _matches(rest: str, modules: tuple[str, ...]) -> bool:
+    """Whether a layer tensor (`self_attn.o_proj.weight`, `mlp.experts.down_proj`) belongs to `modules`."""
+    return any(rest == m or rest.startswith(m + ".") for m in modules)
+
+
+def _embedding_keys(model: PreTrainedModel, layers_prefix: str) -> set[str]:
+    """State-dict keys of the embeddings that add into the stream before the first layer."""
+    return {f"{name}.weight" for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Embedding) and not f"{name}.".startswith(layers_prefix)}
+
+
+@torch.no_grad()
+def _norm_offsets(model: PreTrainedModel, layers_prefix: str, rule: FoldRule) -> dict[str, float]:
+    """{'hop.norm': 0 or 1}: whether each post-norm scales by w or by 1 + w, read off the module by
+    normalizing a vector of ones (whose normalized value is 1) and comparing with its weight."""
+    out = {}
+    for k, layer in enumerate(layer_site(model).layers(model)):
+        for name in rule.post_norms:
+            norm = layer.get_submodule(name)
+            w = norm.weight.detach().double()
+            y = _run_norm(norm, w.numel()).double()
+            if torch.allclose(y, w, rtol=1e-3, atol=1e-4):
+                out[f"{k}.{name}"] = 0.0
+            elif torch.allclose(y, 1.0 + w, rtol=1e-3, atol=1e-4):
+                out[f"{k}.{name}"] = 1.0
+            else:
+                raise StackError(f"the norm {name!r} after a branch of {type(layer).__name__} computes neither "
+                                 "x * w nor x * (1 + w); its gain cannot carry the fold")
+    return out
+
+
+def _run_norm(norm: torch.nn.Module, width: int) -> torch.Tensor:
+    w = norm.weight
+    return norm(torch.ones(1, width, dtype=w.dtype, device=w.device))[0]
+
+
+def folded_copy(t: torch.Tensor, multiplier: float = 1.0, divisor: float = 1.0, offset: float = 0.0
+                ) -> torch.Tensor:
+    """An independent copy of `(t + offset) * multiplier / divisor - offset`, rounded once to `t`'s dtype.
 
     The product is formed in float64, whose one rounding lies 29 or more bits below a float32
     weight's last bit, so the one cast back to `t.dtype` gives the representable value nearest
@@ -105,10 +155,14 @@ def folded_copy(t: torch.Tensor, multiplier: float = 1.0, divisor: float = 1.0) 
     flat_in, flat_out = src.view(-1), out.view(-1)
     for start in range(0, flat_in.numel(), _FOLD_CHUNK):  # float64 a chunk at a time: a 150k-row
         wide = flat_in[start:start + _FOLD_CHUNK].to(torch.float64)  # embedding is GBs in float64
+        if offset:
+            wide.add_(offset)
         if multiplier != 1.0:
             wide.mul_(multiplier)
         if divisor != 1.0:
             wide.div_(divisor)
+        if offset:
+            wide.sub_(offset)
         flat_out[start:start + _FOLD_CHUNK] = wide
     return out
 
@@ -153,11 +207,12 @@ def plain_model(models: dict[str, PreTrainedModel], recipe: DFSRecipe) -> PreTra
 
 def _fill_meta_buffers(model: PreTrainedModel, a: PreTrainedModel) -> None:
     """Copy from model A the non-persistent buffers (rotary inv_freq) that state dicts do not carry."""
+    prefix = layer_site(model).prefix
     for name, module in model.named_modules():
         for bname, buf in list(module.named_buffers(recurse=False)):
             if buf.is_meta:
                 full = f"{name}.{bname}" if name else bname
-                if ".layers." in f".{full}":
+                if full.startswith(prefix):
                     raise StackError(f"decoder-layer buffer {full!r} is not in the state dict; this "
                                      "architecture is not supported for export")
                 module.register_buffer(bname, a.get_buffer(full).detach().clone(), persistent=False)

@@ -23,8 +23,14 @@ class DFSKind(Kind):
                 for role in space.source_roles if getattr(space, role) not in names]
 
     def check_sources(self, space: DFSSpaceConfig, infos: dict) -> None:
-        """Nothing before loading: models A and B may differ in depth; the stack checks each hop's
-        layer type and width when it is built."""
+        """Before loading: both models of a family whose result can be exported (`families.py`).
+        Models A and B may differ in depth; the stack checks each hop's layer type and width."""
+        from evomerge.kinds.dfs.families import fold_rule
+
+        for role in space.source_roles:
+            info = infos.get(getattr(space, role))
+            if info is not None:
+                fold_rule(info.config)
 
     def build_space(self, space: DFSSpaceConfig, ctx: SpaceContext) -> DFSSpace:
         return DFSSpace(ctx.ref(space.model_a), ctx.ref(space.model_b), ctx.layers_of[space.model_a],
@@ -63,9 +69,15 @@ class DFSKind(Kind):
                 raise RecipeError(f"hop {k} runs layer {hop.layer} of {hop.model!r}, which has {n} layers")
 
     def build(self, recipe: DFSRecipe, opts: BuildOptions) -> Built:
-        """A layer path as a plain checkpoint of model A's architecture, the scales folded in."""
+        """A layer path as a plain checkpoint of model A's architecture, the scales folded in
+        (a family without a fold rule is refused from its config.json, before any load)."""
+        from evomerge.kinds.dfs.families import fold_rule
         from evomerge.kinds.dfs.fold import plain_model
         from evomerge.kinds.dfs.materialize import StackMaterializer
+        from evomerge.sources import read_config, resolve_path
+
+        a = recipe.model_a
+        fold_rule(read_config(resolve_path(a, allow_pickle=opts.allow_pickle), a.name))
 
         mat = StackMaterializer(recipe.sources, recipe.model_a.name, dtype=recipe.dtype, device=opts.device,
                                 allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
@@ -81,7 +93,7 @@ class DFSKind(Kind):
         path = " -> ".join(f"{h['model']}[{h['layer']}]x{h['scale']:.3g}" for h in hops)
         return {**recipe, "method": "dfs (layer stacking)", "sources": [recipe["model_a"], recipe["model_b"]],
                 "groups": [f"{len(hops)} hops: {path}"], "granularity": {"kind": "layer path"},
-                "dare_seed": None, "options": {"input scales": "folded into o_proj/down_proj"}}
+                "dare_seed": None, "options": {"input scales": "folded into each hop's branch outputs"}}
 
     def recipe_html(self, recipe: dict, ranges: dict[str, tuple[float, float]]) -> str:
         from evomerge.kinds.dfs.view import dfs_path

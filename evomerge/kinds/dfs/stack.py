@@ -19,23 +19,19 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
+from evomerge.kinds.dfs.layers import StackError, attention_of, layer_site
 from evomerge.kinds.dfs.recipe import DFSRecipe
 
 # Config fields that hold one entry per decoder layer; a stacked config lists them per hop.
 PER_LAYER_FIELDS = ("layer_types", "mlp_layer_types")
 
 
-class StackError(ValueError):
-    """A path cannot be stacked from these sources; the message says why."""
+__all__ = ["StackError", "StackedModelBuilder", "check_sources", "decoder_layers", "materialize_copy"]
 
 
-def decoder(model: PreTrainedModel) -> nn.Module:
-    """The decoder (`model.model` for Llama-like causal LMs) holding `layers`, `embed_tokens`, `norm`."""
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    if inner is None or not isinstance(getattr(inner, "layers", None), nn.ModuleList):
-        raise StackError(f"{type(model).__name__} has no decoder with a `layers` ModuleList; DFS stacking "
-                         "supports Llama-style decoder-only models (Llama, Mistral, Qwen2, ...)")
-    return inner
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The model's decoder layers (`model.layers`, `gpt_neox.layers`, `transformer.h`, ...)."""
+    return layer_site(model).layers(model)
 
 
 def check_sources(models: dict[str, PreTrainedModel], recipe: DFSRecipe) -> PreTrainedModel:
@@ -43,15 +39,15 @@ def check_sources(models: dict[str, PreTrainedModel], recipe: DFSRecipe) -> PreT
     a = recipe.model_a.name
     if a not in models:
         raise StackError(f"model A {a!r} is not among the loaded sources {sorted(models)}")
-    ref_layer = type(decoder(models[a]).layers[0])
-    hidden = models[a].config.hidden_size
+    ref_layer = type(decoder_layers(models[a])[0])
+    hidden = models[a].config.get_text_config().hidden_size
     for k, hop in enumerate(recipe.path):
         if hop.model not in models:
             raise StackError(f"hop {k} needs model {hop.model!r}, which is not loaded ({sorted(models)})")
-        layers = decoder(models[hop.model]).layers
+        layers = decoder_layers(models[hop.model])
         if not 0 <= hop.layer < len(layers):
             raise StackError(f"hop {k} runs layer {hop.layer} of {hop.model!r}, which has {len(layers)} layers")
-        if type(layers[hop.layer]) is not ref_layer or models[hop.model].config.hidden_size != hidden:
+        if type(layers[hop.layer]) is not ref_layer or models[hop.model].config.get_text_config().hidden_size != hidden:
             raise StackError(f"hop {k}: {hop.model!r} is not of model A's architecture "
                              f"({type(layers[hop.layer]).__name__} vs {ref_layer.__name__})")
     for name in {h.model for h in recipe.path}:
@@ -106,15 +102,13 @@ def _scale_input(module: nn.Module, args: tuple, kwargs: dict):
 def make_hop(layer: nn.Module, hop_index: int, scale: float, config: PreTrainedConfig) -> nn.Module:
     """A zero-copy view of a source decoder layer that runs as layer `hop_index` of a stacked model."""
     hop = _shallow_clone(layer)
-    attn = getattr(hop, "self_attn", None)
-    if attn is None or not hasattr(attn, "layer_idx"):
-        raise StackError(f"{type(layer).__name__} has no `self_attn.layer_idx`; DFS stacking needs it to "
-                         "give each hop its own KV-cache slot")
+    name, attn = attention_of(hop)
     attn = _shallow_clone(attn)
     attn.layer_idx = hop_index
-    # The stacked config (not the source's) so attention-implementation switches reach every hop.
-    attn.config = config
-    hop.self_attn = attn
+    if hasattr(attn, "config"):
+        # The stacked config (not the source's) so attention-implementation switches reach every hop.
+        attn.config = config
+    setattr(hop, name, attn)
     if hasattr(hop, "layer_idx"):
         hop.layer_idx = hop_index
     hop.dfs_input_scale = float(scale)
@@ -139,22 +133,23 @@ class StackedModelBuilder:
         with torch.device("meta"):
             model = type(a)(config)
         _attach_shared(model, a)
-        decoder(model).layers = nn.ModuleList(
-            make_hop(decoder(self.models[h.model]).layers[h.layer], k, s, model.config)
-            for k, (h, s) in enumerate(zip(recipe.path, recipe.scales)))
+        layer_site(model).replace(model, nn.ModuleList(
+            make_hop(decoder_layers(self.models[h.model])[h.layer], k, s, model.config)
+            for k, (h, s) in enumerate(zip(recipe.path, recipe.scales))))
         _check_no_meta(model)
         return model.train(a.training)
 
 
 def _attach_shared(model: PreTrainedModel, a: PreTrainedModel) -> None:
-    """Give `model` model A's embeddings, final norm, head, rotary embedding and generation config."""
-    dec, dec_a = decoder(model), decoder(a)
-    for name, child in dec_a.named_children():
-        if name != "layers":
-            setattr(dec, name, child)
-    for name, child in a.named_children():
-        if child is not dec_a:
-            setattr(model, name, child)
+    """Give `model` model A's embeddings, final norm, head, rotary embedding and generation config:
+    at every module on the path down to the layer list, each child off that path is A's own."""
+    path = layer_site(a).path
+    mine, theirs = model, a
+    for step in path:
+        for name, child in theirs.named_children():
+            if name != step:
+                setattr(mine, name, child)
+        mine, theirs = getattr(mine, step), getattr(theirs, step)
     if getattr(a, "generation_config", None) is not None:
         model.generation_config = copy.deepcopy(a.generation_config)
 
@@ -174,24 +169,16 @@ def materialize_copy(models: dict[str, PreTrainedModel], recipe: DFSRecipe) -> P
     """
     a = check_sources(models, recipe)
     model = type(a)(stacked_config(models, recipe)).to(device=a.device, dtype=a.dtype)
-    prefix = _layers_prefix(a)
+    prefix = layer_site(a).prefix
     state = {k: v.detach().clone() for k, v in a.state_dict().items() if not k.startswith(prefix)}
     for k, hop in enumerate(recipe.path):
-        src = decoder(models[hop.model]).layers[hop.layer]
+        src = decoder_layers(models[hop.model])[hop.layer]
         state.update({f"{prefix}{k}.{n}": t.detach().clone() for n, t in src.state_dict().items()})
     model.load_state_dict(state, strict=True)
-    for layer, s in zip(decoder(model).layers, recipe.scales):
+    for layer, s in zip(decoder_layers(model), recipe.scales):
         layer.dfs_input_scale = float(s)
         layer.register_forward_pre_hook(_scale_input, with_kwargs=True)
     if getattr(a, "generation_config", None) is not None:
         model.generation_config = copy.deepcopy(a.generation_config)
     return model.train(a.training)
 
-
-def _layers_prefix(model: PreTrainedModel) -> str:
-    """The state-dict prefix of the decoder layers, e.g. 'model.layers.'."""
-    dec = decoder(model)
-    for name, module in model.named_modules():
-        if module is dec.layers:
-            return name + "."
-    raise StackError("the decoder's layers are not reachable from the model")

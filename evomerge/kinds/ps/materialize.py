@@ -3,6 +3,9 @@
 The output model is built once per worker from the base checkpoint; each candidate only
 rewrites its parameter tensors (same tensor objects, same storage), so nothing is allocated
 or read from disk per candidate and evaluators can keep wrapping the same model object.
+
+Merges run on the checkpoint's tensors, each written into its view of the model parameter
+that transformers loads it into (`layout.checkpoint_views`: renamed keys, fused experts).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from evomerge.groups import group_map
 from evomerge.methods import MergeInputs, TensorCache, get_method
 from evomerge.kinds.base import RecipeError
+from evomerge.kinds.ps.layout import checkpoint_views
 from evomerge.kinds.ps.recipe import PSRecipe
 from evomerge.sources import SourceSet
 
@@ -35,10 +39,8 @@ class Materializer:
                  trust_remote_code: bool = False) -> None:
         self.sources = sources
         self.model = model if model is not None else build_output_model(sources, trust_remote_code=trust_remote_code)
-        self.params = dict(self.model.named_parameters())
-        missing = [n for n in self.params if n not in sources.base_weights]
-        if missing:
-            raise RecipeError(f"the output model has tensors the sources lack: {missing[:3]}")
+        # checkpoint key -> the slice of a model parameter it is loaded into
+        self.params = checkpoint_views(self.model, sources.base_weights)
         self.caches = {n: TensorCache() for n in self.params}
         self._group_maps: dict = {}
 
@@ -70,11 +72,13 @@ class Materializer:
         for name, param in self.params.items():
             per_model, glob = recipe.values_for(groups[name])
             base, deltas, whole = self._inputs(name, param.device)
+            # The kernels write flat buffers; a strided slice of a fused tensor gets a copy instead.
+            out = param if param.is_contiguous() else None
             inputs = MergeInputs(name=name, base=base, deltas=deltas, cache=self.caches[name],
-                                 seed=recipe.seed, out=param.data, sources=whole)
+                                 seed=recipe.seed, out=out, sources=whole)
             merged = method.fn(inputs, per_model, {**recipe.options, **glob})
-            if merged.data_ptr() != param.data.data_ptr():
-                param.data.copy_(merged)
+            if out is None or merged.data_ptr() != param.data_ptr():
+                param.copy_(merged)
         return self.model
 
     def _groups(self, granularity) -> dict[str, int]:
@@ -113,5 +117,5 @@ class Materializer:
             raise RecipeError(f"unknown source {name!r}; sources are {self.sources.names}")
         weights = load_tensors(infos[name].files, self.sources.dtype, self.sources.compute_device or self.sources.device)
         for pname, param in self.params.items():
-            param.data.copy_(weights[pname])
+            param.copy_(weights[pname])
         return self.model
