@@ -24,12 +24,14 @@ from .train import Packer, TrainSpec, new_model, train
 
 MODELS = {"base": None, "expert_add": "add", "expert_cipher": "cipher", "expert_cipher2": "cipher2"}
 V7_FIXTURES = Path(__file__).resolve().parent / "fixtures"  # v7's committed world (as evomerge.toy.FIXTURES)
-VERSION = 8  # bump whenever the recipe or the data change, so cached worlds are rebuilt
+VERSION = 9  # bump whenever the recipe or the data change, so cached worlds are rebuilt
 
 FULL = BuildSpec(
     base=TrainSpec(steps=600, lr=1e-3, batch_size=128, warmup=20, final_lr_frac=0.25),
     experts={"add": TrainSpec(steps=600, lr=3e-4, batch_size=128, warmup=20),
-             "cipher": TrainSpec(steps=200, lr=3e-4, batch_size=128, warmup=20),
+             # 2e-3, not 3e-4: a larger cipher task vector, so that the weight-1 sum interferes on
+             # the cross task (10.5 % against 47.0 % at 3e-4) while evolved per-layer weights compose
+             "cipher": TrainSpec(steps=200, lr=2e-3, batch_size=128, warmup=20),
              "cipher2": TrainSpec(steps=150, lr=3e-4, batch_size=128, warmup=20)},
 )
 QUICK = BuildSpec(
