@@ -141,8 +141,11 @@ def cmd_toy_build(args: argparse.Namespace) -> int:
 
     from evomerge.toy import toy_cache_path
 
-    out = Path(args.out) if args.out else toy_cache_path()
-    world = build_toy_world(out, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
+    build = build_toy_world
+    if getattr(args, "world", 7) == 8:
+        from evomerge.toy.build_v8 import build_toy_world_v8 as build
+    out = Path(args.out) if args.out else toy_cache_path().with_name("toy_v8" if build is not build_toy_world else "toy")
+    world = build(out, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_score_table(world.scores))
     print(f"toy world written to {out}")
     return 0

@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "~/.cache/evomerge). The demo and `toy:NAME` sources use the committed world "
                         "unless EVOMERGE_TOY_WORLD names another one")
     b.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    b.add_argument("--world", type=int, choices=(7, 8), default=7,
+                   help="7: the demo's world (two experts); 8: the cross-domain world with three experts, "
+                        "whose models `toy:v8/NAME` sources name (default 7)")
     b.set_defaults(func=cmd_toy_build)
     _add_export_parsers(sub)
     _add_dashboard_parser(sub)
