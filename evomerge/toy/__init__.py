@@ -37,25 +37,8 @@ class ToyWorldError(Exception):
 def toy_world_path() -> Path:
     """$EVOMERGE_TOY_WORLD if set (a world from `evomerge toy build --out DIR`), else the committed
     fixtures if complete, else the user cache ($EVOMERGE_HOME/toy), built there on first use."""
-    chosen = os.environ.get(WORLD_ENV)
-    if chosen:
-        if not is_complete(Path(chosen)):
-            raise ToyWorldError(f"{WORLD_ENV}={chosen} is not a complete toy world of this version; "
-                                    f"build one there with `evomerge toy build --out {chosen}` or unset {WORLD_ENV}")
-        return Path(chosen)
-    if is_complete(FIXTURES):
-        return FIXTURES
-    cache = toy_cache_path()
-    if not is_complete(cache):
-        tmp = cache.with_name(f"toy.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_toy_world(tmp)
-        if is_complete(cache):  # another process finished first: keep its (identical) world
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(cache, ignore_errors=True)
-            tmp.rename(cache)
-    return cache
+    return _resolve(WORLD_ENV, FIXTURES, toy_cache_path(), is_complete, build_toy_world, "a complete toy world of "
+                    "this version", "evomerge toy build")
 
 
 WORLD_V8_ENV = "EVOMERGE_TOY_WORLD_V8"
@@ -66,20 +49,25 @@ def toy_world_v8_path() -> Path:
     committed v8 fixtures if complete, else $EVOMERGE_HOME/toy_v8, built there on first use."""
     from .build_v8 import build_toy_world_v8, is_complete as is_complete_v8
 
-    chosen = os.environ.get(WORLD_V8_ENV)
+    return _resolve(WORLD_V8_ENV, FIXTURES_V8, _home() / "toy_v8", is_complete_v8, build_toy_world_v8,
+                    "a complete v8 toy world", "evomerge toy build --world 8")
+
+
+def _resolve(env: str, fixtures: Path, cache: Path, complete, build, what: str, command: str) -> Path:
+    """The world named by `env`, else the committed fixtures, else `cache`, built there atomically."""
+    chosen = os.environ.get(env)
     if chosen:
-        if not is_complete_v8(Path(chosen)):
-            raise ToyWorldError(f"{WORLD_V8_ENV}={chosen} is not a complete v8 toy world; build one there with "
-                                f"`evomerge toy build --world 8 --out {chosen}` or unset {WORLD_V8_ENV}")
+        if not complete(Path(chosen)):
+            raise ToyWorldError(f"{env}={chosen} is not {what}; build one there with `{command} --out {chosen}` "
+                                f"or unset {env}")
         return Path(chosen)
-    if is_complete_v8(FIXTURES_V8):
-        return FIXTURES_V8
-    cache = _home() / "toy_v8"
-    if not is_complete_v8(cache):
-        tmp = cache.with_name(f"toy_v8.tmp-{os.getpid()}")
+    if complete(fixtures):
+        return fixtures
+    if not complete(cache):
+        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        build_toy_world_v8(tmp)
-        if is_complete_v8(cache):
+        build(tmp)
+        if complete(cache):  # another process finished first: keep its (identical) world
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             shutil.rmtree(cache, ignore_errors=True)

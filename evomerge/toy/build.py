@@ -72,15 +72,15 @@ class ToyWorld:
         return cls(Path(root), meta.get("scores", {}))
 
 
-def is_complete(root: Path) -> bool:
-    """A finished full build of the current recipe version."""
+def is_complete(root: Path, version: int = VERSION, models=MODELS) -> bool:
+    """A finished full build of the current recipe version (of v7; v8 passes its own)."""
     root = Path(root)
     try:
         meta = json.loads((root / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return (meta.get("version") == VERSION and not meta.get("quick")
-            and all((root / name / "model.safetensors").is_file() for name in MODELS))
+    return (meta.get("version") == version and not meta.get("quick")
+            and all((root / name / "model.safetensors").is_file() for name in models))
 
 
 @contextmanager

@@ -18,6 +18,7 @@ import torch
 
 from . import data_v8
 from .build import MARKER, BuildSpec, ToyWorld, _threads
+from .build import is_complete as complete_build
 from .score import score_exact_match
 from .tokenizer import build_tokenizer
 from .train import Packer, TrainSpec, new_model, train
@@ -42,13 +43,7 @@ QUICK = BuildSpec(
 
 def is_complete(root: Path) -> bool:
     """A finished full build of the current v8 recipe."""
-    root = Path(root)
-    try:
-        meta = json.loads((root / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return (meta.get("version") == VERSION and not meta.get("quick")
-            and all((root / name / "model.safetensors").is_file() for name in MODELS))
+    return complete_build(root, VERSION, MODELS)
 
 
 def score_model(model, tokenizer) -> dict[str, float]:
