@@ -374,9 +374,12 @@ def test_sigint_names_the_exact_resume_command(tmp_path):
     exp = write_resumable_experiment(tmp_path, "interrupted")
     storage = f"sqlite:///{tmp_path / 'i.db'}"
     env = {k: v for k, v in os.environ.items() if k != "EVOMERGE_CRASH_AT"}
-    # a budget the run cannot finish before the signal lands (12 trials can be done in a second)
+    # A budget the run cannot finish before the signal lands (12 trials can be done in a second), and
+    # SIGINT's default action restored in the child: a test run started in the background (nohup, `&`)
+    # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "run", exp, "--storage", storage, "--workers", "0",
-                             "--budget", "2000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--budget", "2000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
