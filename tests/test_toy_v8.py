@@ -68,9 +68,9 @@ def test_v8_tasks_load_in_lm_eval(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_quick_v8_build_is_deterministic(tmp_path):
-    a = build_toy_world_v8(tmp_path / "a", quick=True)
-    b = build_toy_world_v8(tmp_path / "b", quick=True)
+def test_quick_v8_build_is_deterministic_and_the_same_in_parallel(tmp_path):
+    a = build_toy_world_v8(tmp_path / "a", quick=True, jobs=1)
+    b = build_toy_world_v8(tmp_path / "b", quick=True, jobs=2)  # experts in two processes
     for name in MODELS:
         x, y = (load_file(w.root / name / "model.safetensors") for w in (a, b))
         assert all(torch.equal(x[k], y[k]) for k in x), name

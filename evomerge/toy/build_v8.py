@@ -87,35 +87,66 @@ def _v7_base(seed: int, quick: bool, pack: Packer):
     return base
 
 
-def build_toy_world_v8(out: Path, seed: int = 0, quick: bool = False, threads: int = 1,
+def _expert(out: Path, seed: int, quick: bool, threads: int, index: int, skill: str) -> tuple[dict, float]:
+    """Train expert `index` from the saved base under `out`, save it, score it; a function of its
+    arguments alone (no dropout, its own seeded stream), so it may run in any process."""
+    from transformers import AutoModelForCausalLM
+
+    espec = (QUICK if quick else FULL).experts[skill]
+    tok = build_tokenizer()
+    with _threads(threads):
+        t0 = time.time()
+        model = AutoModelForCausalLM.from_pretrained(out / "base")
+        train(model, expert_batches(seed * 1000 + 7 + 2 * index, skill, espec.batch_size), Packer(tok), espec)
+        seconds = time.time() - t0
+        model.save_pretrained(out / f"expert_{skill}")
+        tok.save_pretrained(out / f"expert_{skill}")
+        return score_model(model, tok), seconds
+
+
+def _base_scores(out: Path, threads: int) -> tuple[dict, float]:
+    from transformers import AutoModelForCausalLM
+
+    with _threads(threads):
+        return score_model(AutoModelForCausalLM.from_pretrained(out / "base"), build_tokenizer()), 0.0
+
+
+def build_toy_world_v8(out: Path, seed: int = 0, quick: bool = False, threads: int = 1, jobs: int | None = None,
                        log: Callable[[str], None] | None = None) -> ToyWorld:
-    """Train the v8 base and its three experts, save them under `out`, score them;
-    deterministic per seed on one machine (fixed thread count, seeded init and streams)."""
+    """Train the v8 base, then its three experts in `jobs` processes (default: one per core, at
+    most 2), save them under `out`, score them; deterministic per seed on one machine (fixed
+    thread count per process, seeded init and streams), whatever `jobs` is."""
+    import concurrent.futures as cf
+    import multiprocessing
+    import os
+
     out = Path(out)
     spec = QUICK if quick else FULL
     say = log or (lambda s: None)
     tok = build_tokenizer()
-    pack = Packer(tok)
-    scores, times = {}, {}
+    times = {}
     with _threads(threads):
         t0 = time.time()
         say(f"base: {spec.base.steps} steps")
-        base = _v7_base(seed, quick, pack)
-        train(base, base_batches(seed * 1000 + 1, spec.base.batch_size), pack, spec.base, say)
+        base = _v7_base(seed, quick, Packer(tok))
+        train(base, base_batches(seed * 1000 + 1, spec.base.batch_size), Packer(tok), spec.base, say)
         times["base"] = time.time() - t0
-        models = {"base": base}
-        for i, (skill, espec) in enumerate(spec.experts.items()):
-            t0 = time.time()
-            say(f"expert_{skill}: {espec.steps} steps")
-            model = copy.deepcopy(base)
-            train(model, expert_batches(seed * 1000 + 7 + 2 * i, skill, espec.batch_size), pack, espec, say)
-            models[f"expert_{skill}"] = model
-            times[f"expert_{skill}"] = time.time() - t0
-        for name, model in models.items():
-            model.save_pretrained(out / name)
-            tok.save_pretrained(out / name)
-            scores[name] = score_model(model, tok)
-    meta = {"version": VERSION, "seed": seed, "quick": quick, "threads": threads, "scores": scores,
+        base.save_pretrained(out / "base")
+        tok.save_pretrained(out / "base")
+    # the longest expert first, so that the others share the second process
+    order = sorted(enumerate(spec.experts), key=lambda e: -spec.experts[e[1]].steps)
+    jobs = jobs or max(1, min(2, os.cpu_count() or 1))
+    say(f"experts: {', '.join(f'{s} ({spec.experts[s].steps} steps)' for _, s in order)} in {jobs} processes")
+    ctx = multiprocessing.get_context("spawn")  # a fork would copy the parent's torch thread pool
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {f"expert_{s}": pool.submit(_expert, out, seed, quick, threads, i, s) for i, s in order}
+        futures["base"] = pool.submit(_base_scores, out, threads)
+        results = {name: f.result() for name, f in futures.items()}
+    for name, (_, seconds) in results.items():
+        if name != "base":
+            times[name] = seconds
+    scores = {name: results[name][0] for name in MODELS}
+    meta = {"version": VERSION, "seed": seed, "quick": quick, "threads": threads, "jobs": jobs, "scores": scores,
             "seconds": {k: round(v, 1) for k, v in times.items()},
             "spec": {"base": asdict(spec.base), "experts": {k: asdict(v) for k, v in spec.experts.items()}}}
     (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
