@@ -161,6 +161,9 @@ class RacingConfig(Strict):
     # CMA-ES: the candidates a round compares against are the `top` best by estimate (a fraction
     # of the population); None is CMA-ES's own mu (population // 2, the ones that move its mean)
     top: float | None = None
+    # CMA-ES: a candidate also stops once even its upper bound cannot beat the top-th best by more
+    # than this much fitness: near-ties are ranked by their estimates instead of by more docs
+    indifference: float = Field(0.0, ge=0.0)
     p_threshold: float = 0.1  # TPE / random: Optuna's WilcoxonPruner
     # what a raced-out candidate is told: "rasch" fills its unscored docs with their expected
     # scores under per-doc difficulties fitted on the study's complete candidates (evomerge.irt);

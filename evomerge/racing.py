@@ -95,8 +95,12 @@ class PairedRace:
     totals: Mapping[str, int]  # docs per task in the full subset
     mu: int
     confidence: float = 0.95
+    indifference: float = 0.0  # c also stops when it cannot beat m by more than this (fitness units)
 
-    def eliminate(self, racing: Mapping[int, Docs]) -> set[int]:
+    def eliminate(self, racing: Mapping[int, Docs], record: float | None = None) -> set[int]:
+        """`record`: the best full fitness of the study's earlier generations, if any. A near-tie
+        (within `indifference`) stops only when it also cannot beat the record, so a candidate
+        that could become the study's best is always scored in full."""
         if len(racing) <= self.mu:
             return set()
         values = {i: chosen_values(d, self.tasks) for i, d in racing.items()}
@@ -106,24 +110,38 @@ class PairedRace:
         out = set()
         for c in ranked[self.mu:]:
             mean, var = self._paired(values[c], values[m])
-            if mean + z * math.sqrt(var) < 0:
+            upper = mean + z * math.sqrt(var)
+            if upper < 0:
                 out.add(c)
+            elif upper < self.indifference and record is not None:
+                level, level_var = self._level(values[c])
+                if level + z * math.sqrt(level_var) < record:
+                    out.add(c)
         return out
+
+    def _level(self, a: dict[str, dict[int, float]]) -> tuple[float, float]:
+        """The weighted mean of a's docs and its variance (finite population)."""
+        return self._mean_var({t: list(v.values()) for t, v in a.items()})
 
     def _paired(self, a: dict[str, dict[int, float]], b: dict[str, dict[int, float]]) -> tuple[float, float]:
         """Weighted mean difference a - b on shared docs and its variance (finite population)."""
+        shared = {t: sorted(set(a.get(t, {})) & set(b.get(t, {}))) for t in a}
+        return self._mean_var({t: [a[t][i] - b[t][i] for i in docs] for t, docs in shared.items()})
+
+    def _mean_var(self, per_task: Mapping[str, list[float]]) -> tuple[float, float]:
+        """Sum over tasks of weight x the mean of its values, and its variance with the finite
+        population correction for the task's docs not scored yet."""
         mean = var = 0.0
         for t in self.tasks:
-            shared = sorted(set(a.get(t.task, {})) & set(b.get(t.task, {})))
-            if not shared:
+            x = per_task.get(t.task) or []
+            if not x:
                 continue
-            d = [a[t.task][i] - b[t.task][i] for i in shared]
-            n, total = len(d), max(self.totals.get(t.task, len(d)), len(d))
-            s2 = statistics.variance(d) if n > 1 else 1.0
+            n, total = len(x), max(self.totals.get(t.task, len(x)), len(x))
+            s2 = statistics.variance(x) if n > 1 else 1.0
             # At least the variance of one disagreement among n docs: identical answers on a few
             # docs must not read as certainty.
             s2 = max(s2, 1.0 / n)
-            mean += t.weight * statistics.fmean(d)
+            mean += t.weight * statistics.fmean(x)
             var += t.weight ** 2 * s2 / n * (1 - n / total)
         return mean, var
 
@@ -207,12 +225,16 @@ class Race:
         return {t: {k: {int(d): v for d, v in vals.items() if int(d) in keep.get(t, ())} for k, vals in m.items()}
                 for t, m in docs.items()}
 
-    def eliminate(self, rec, r: int, generation_docs: Mapping[int, Docs], undecided: Mapping[int, int]) -> set[int]:
-        """Indices of `undecided` (index -> trial number) to stop after round r."""
+    def eliminate(self, rec, r: int, generation_docs: Mapping[int, Docs], undecided: Mapping[int, int],
+                  references: Mapping[int, Docs] | None = None) -> set[int]:
+        """Indices of `undecided` (index -> trial number) to stop after round r; `references`:
+        the per-doc scores of the complete candidates of earlier generations."""
         if isinstance(self.rule, OptunaPruner):
             return self.rule.eliminate(rec, undecided)
         eligible = {i: self.upto(d, r) for i, d in generation_docs.items() if self.rounds_done(d) > r}
-        return self.rule.eliminate(eligible) & set(undecided)
+        complete = [d for d in (references or {}).values() if self.rounds_done(d) == len(self.increments)]
+        record = max((estimate(d, self.tasks) for d in complete), default=None)
+        return self.rule.eliminate(eligible, record) & set(undecided)
 
     def report(self, rec, number: int, docs: Docs) -> None:
         if isinstance(self.rule, OptunaPruner):
@@ -229,7 +251,8 @@ def make_race(cfg, sampler, subset: Shard, rounds: Sequence) -> Race:
     increments = round_increments(subset, racing.rounds)
     if sampler.name == "cmaes":
         mu = sampler.population // 2 if racing.top is None else math.ceil(racing.top * sampler.population)
-        rule = PairedRace(tuple(tasks), {t: len(v) for t, v in subset.items()}, max(1, mu), racing.confidence)
+        rule = PairedRace(tuple(tasks), {t: len(v) for t, v in subset.items()}, max(1, mu), racing.confidence,
+                          racing.indifference)
     else:
         rule = OptunaPruner(tasks, subset, racing.p_threshold)
     return Race(tasks, increments, rule, model)

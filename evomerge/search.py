@@ -220,9 +220,9 @@ class Controller:
             return
         # Every candidate of the generation with per-doc scores, finished ones included.
         docs = {i: c.docs for i, c in cands.items() if c.phase is not Phase.PROPOSED}
-        out = self.race.eliminate(self.rec, r, docs, {i: c.number for i, c in undecided.items()})
+        references = self._complete_before(next(iter(undecided.values())).generation)
+        out = self.race.eliminate(self.rec, r, docs, {i: c.number for i, c in undecided.items()}, references)
         self.guard()
-        references = self._complete_before(next(iter(undecided.values())).generation) if out else {}
         for i, c in sorted(undecided.items()):
             if i in out:
                 value = self.race.told(c.docs, references)

@@ -60,6 +60,27 @@ def test_paired_race_stops_only_the_clearly_beaten():
     assert everything.eliminate({0: good, 3: close}) == {3}
 
 
+def test_indifference_stops_a_near_tie_only_when_it_cannot_beat_the_studys_record():
+    from pydantic import ValidationError
+
+    from evomerge.fitness import RacingConfig
+
+    same = [1] * 36 + [0] * 4  # 40 of 100 docs per task, both wrong on the same 4
+    leader, tie = _docs(same, same), _docs(same, same)
+    # the paired upper bound of (tie - leader): z(0.75) x sqrt(2 x 0.5^2 x (1/40) / 40 x 0.6) =
+    # 0.0092 (at least a doc of disagreement); tie's own upper bound: 0.9 + 0.0177
+    rule = lambda indifference: PairedRace(TASKS, {"a": 100, "b": 100}, mu=1, confidence=0.75,
+                                           indifference=indifference)
+    race = {0: leader, 1: tie}
+    assert rule(0.0).eliminate(race, record=0.95) == set()
+    assert rule(0.009).eliminate(race, record=0.95) == set()
+    assert rule(0.0095).eliminate(race, record=0.95) == {1}
+    assert rule(0.0095).eliminate(race, record=0.915) == set()  # it could still beat the record
+    assert rule(0.0095).eliminate(race, record=None) == set()  # no record yet
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        RacingConfig(indifference=-0.01)
+
+
 def test_a_raced_out_candidate_is_told_its_estimate_from_complete_references_only():
     subset = {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3]}
     incs = round_increments(subset, [0.5, 1.0])
@@ -80,7 +101,7 @@ def test_a_raced_out_candidate_is_told_its_estimate_from_complete_references_onl
 
 def _racing_experiment(tmp_path, name: str, sampler: str = "cmaes", budget: int = 12) -> str:
     cfg = yaml.safe_load(open(write_resumable_experiment(tmp_path, name)))
-    cfg["fitness"]["racing"] = {"rounds": [0.25, 0.5, 1.0], "confidence": 0.6, "top": 0.25}
+    cfg["fitness"]["racing"] = {"rounds": [0.25, 0.5, 1.0], "confidence": 0.6, "top": 0.25, "indifference": 0.02}
     cfg["optimizer"].update(sampler=sampler, budget={"trials": budget})
     path = tmp_path / f"{name}_racing.yaml"
     path.write_text(yaml.safe_dump(cfg))

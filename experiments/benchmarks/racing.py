@@ -311,7 +311,8 @@ def draw(per_seed: list[dict], step: int, path: Path, world: str, settings: dict
     ax.set_ylabel("best-so-far trial: held-out test mean (points)")
     top = settings.get("top")
     ax.set_title(f"Racing vs full evaluation, CMA-ES ({world})\nracing rounds {settings.get('rounds')}, confidence "
-                 f"{settings.get('confidence')}, top {'population // 2' if top is None else top}", fontsize=9)
+                 f"{settings.get('confidence')}, top {'population // 2' if top is None else top}, indifference "
+                 f"{settings.get('indifference', 0.0)}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
