@@ -162,7 +162,8 @@ class RacingConfig(Strict):
     # of the population); None is CMA-ES's own mu (population // 2, the ones that move its mean)
     top: float | None = None
     # CMA-ES: a candidate also stops once even its upper bound cannot beat the top-th best by more
-    # than this much fitness: near-ties are ranked by their estimates instead of by more docs
+    # than this much fitness, nor reach the best complete fitness of earlier generations: such
+    # near-ties are ranked by their estimates instead of by more docs
     indifference: float = Field(0.0, ge=0.0)
     p_threshold: float = 0.1  # TPE / random: Optuna's WilcoxonPruner
     # what a raced-out candidate is told: "rasch" fills its unscored docs with their expected

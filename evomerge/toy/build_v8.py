@@ -139,9 +139,13 @@ def build_toy_world_v8(out: Path, seed: int = 0, quick: bool = False, threads: i
     say(f"experts: {', '.join(f'{s} ({spec.experts[s].steps} steps)' for _, s in order)} in {jobs} processes")
     ctx = multiprocessing.get_context("spawn")  # a fork would copy the parent's torch thread pool
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {f"expert_{s}": pool.submit(_expert, out, seed, quick, threads, i, s) for i, s in order}
-        futures["base"] = pool.submit(_base_scores, out, threads)
-        results = {name: f.result() for name, f in futures.items()}
+        futures = {pool.submit(_expert, out, seed, quick, threads, i, s): f"expert_{s}" for i, s in order}
+        futures[pool.submit(_base_scores, out, threads)] = "base"
+        results = {}
+        for done in cf.as_completed(futures):
+            results[futures[done]] = done.result()
+            say(f"{futures[done]}: {'scored' if futures[done] == 'base' else 'trained and scored'} "
+                f"({time.time() - t0:.0f}s since the base started)")
     for name, (_, seconds) in results.items():
         if name != "base":
             times[name] = seconds
