@@ -229,7 +229,8 @@ def test_toy_pareto_yaml_runs_the_gp_sampler_two_at_a_time_on_both_skills():
     from evomerge.config import load_config
 
     opt = load_config(REPO_ROOT / "experiments" / "toy_pareto.yaml").optimizer
-    assert (opt.sampler, opt.population, opt.start_at_init) == ("optuna.samplers.GPSampler", 2, None)
+    assert (opt.sampler, opt.population, opt.start_at_init) == ("optuna.samplers.GPSampler", 2, True)
+    assert opt.sampler_args == {"deterministic_objective": True}
     assert [o.name for o in opt.objectives] == ["toy_add", "toy_cipher"] and opt.budget.trials == 200
 
 
