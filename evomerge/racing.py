@@ -232,8 +232,10 @@ class Race:
         if isinstance(self.rule, OptunaPruner):
             return self.rule.eliminate(rec, undecided)
         eligible = {i: self.upto(d, r) for i, d in generation_docs.items() if self.rounds_done(d) > r}
-        complete = [d for d in (references or {}).values() if self.rounds_done(d) == len(self.increments)]
-        record = max((estimate(d, self.tasks) for d in complete), default=None)
+        record = None
+        if self.rule.indifference:  # the record matters only to near-ties
+            complete = [d for d in (references or {}).values() if self.rounds_done(d) == len(self.increments)]
+            record = max((estimate(d, self.tasks) for d in complete), default=None)
         return self.rule.eliminate(eligible, record) & set(undecided)
 
     def report(self, rec, number: int, docs: Docs) -> None:
