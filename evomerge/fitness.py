@@ -161,9 +161,10 @@ class RacingConfig(Strict):
     # CMA-ES: the candidates a round compares against are the `top` best by estimate (a fraction
     # of the population); None is CMA-ES's own mu (population // 2, the ones that move its mean)
     top: float | None = None
-    # CMA-ES: a candidate also stops once even its upper bound cannot beat the top-th best by more
-    # than this much fitness, nor reach the best complete fitness of earlier generations: such
-    # near-ties are ranked by their estimates instead of by more docs
+    # CMA-ES: a candidate whose paired bounds cannot beat the study's best complete candidate of
+    # earlier generations also stops once its place is known to within this much fitness: a
+    # near-tie below the top-th best (any round), and, after the last round but one, a member of
+    # the top that cannot fall below the first one outside it by more (evomerge.racing.PairedRace)
     indifference: float = Field(0.0, ge=0.0)
     p_threshold: float = 0.1  # TPE / random: Optuna's WilcoxonPruner
     # what a raced-out candidate is told: "rasch" fills its unscored docs with their expected

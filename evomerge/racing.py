@@ -30,6 +30,14 @@ from evomerge.fitness import Docs, Shard, TaskConfig, resolve_metric
 from evomerge.irt import DocModel
 
 
+REASONS = {
+    "behind": "cannot reach the top",
+    "tie": "a near-tie that cannot beat the study's best",
+    "settled": "in the top, cannot beat the study's best",
+    "pruner": "Optuna's WilcoxonPruner",
+}
+
+
 def round_increments(subset: Shard, fractions: Sequence[float]) -> list[Shard]:
     """The docs each round adds: per task, the next slice of its seeded order (at least one doc)."""
     out, done = [], {t: 0 for t in subset}
@@ -95,33 +103,43 @@ class PairedRace:
     totals: Mapping[str, int]  # docs per task in the full subset
     mu: int
     confidence: float = 0.95
-    indifference: float = 0.0  # c also stops when it cannot beat m by more than this (fitness units)
+    indifference: float = 0.0  # fitness units; see `decide`
 
-    def eliminate(self, racing: Mapping[int, Docs], record: float | None = None) -> set[int]:
-        """`record`: the best full fitness of the study's earlier generations, if any. A near-tie
-        (within `indifference`) stops only when it also cannot beat the record, so a candidate
-        that could become the study's best is always scored in full."""
+    def eliminate(self, racing: Mapping[int, Docs], record: Docs | None = None, last: bool = False) -> set[int]:
+        return set(self.decide(racing, record, last))
+
+    def decide(self, racing: Mapping[int, Docs], record: Docs | None = None, last: bool = False) -> dict[int, str]:
+        """Who stops and why (a key of REASONS). `record`: the per-doc scores of the study's best
+        complete candidate of earlier generations, if any; c cannot beat it when the paired upper
+        bound of (c - record) is below zero. A candidate whose place is known only to within
+        `indifference` stops only when it also cannot beat the record, so one that could become
+        the study's best is always scored in full. The top itself is settled only at the `last`
+        decision: a member that stopped earlier would leave the later rounds' ranking."""
         if len(racing) <= self.mu:
-            return set()
+            return {}
         values = {i: chosen_values(d, self.tasks) for i, d in racing.items()}
         ranked = sorted(racing, key=lambda i: (-estimate(racing[i], self.tasks), i))
-        m = ranked[self.mu - 1]
+        m, b = ranked[self.mu - 1], ranked[self.mu]  # the top's last, the first outside it
         z = statistics.NormalDist().inv_cdf(self.confidence)
-        out = set()
+        best = chosen_values(record, self.tasks) if record is not None else None
+        below_record = lambda c: best is not None and self._bound(values[c], best, z) < 0
+        out = {}
         for c in ranked[self.mu:]:
-            mean, var = self._paired(values[c], values[m])
-            upper = mean + z * math.sqrt(var)
+            upper = self._bound(values[c], values[m], z)
             if upper < 0:
-                out.add(c)
-            elif upper < self.indifference and record is not None:
-                level, level_var = self._level(values[c])
-                if level + z * math.sqrt(level_var) < record:
-                    out.add(c)
+                out[c] = "behind"
+            elif upper < self.indifference and below_record(c):
+                out[c] = "tie"
+        if last and self.indifference:
+            for c in ranked[:self.mu]:
+                if -self._bound(values[b], values[c], z) > -self.indifference and below_record(c):
+                    out[c] = "settled"
         return out
 
-    def _level(self, a: dict[str, dict[int, float]]) -> tuple[float, float]:
-        """The weighted mean of a's docs and its variance (finite population)."""
-        return self._mean_var({t: list(v.values()) for t, v in a.items()})
+    def _bound(self, a: dict[str, dict[int, float]], b: dict[str, dict[int, float]], z: float) -> float:
+        """The upper confidence bound of the paired difference a - b."""
+        mean, var = self._paired(a, b)
+        return mean + z * math.sqrt(var)
 
     def _paired(self, a: dict[str, dict[int, float]], b: dict[str, dict[int, float]]) -> tuple[float, float]:
         """Weighted mean difference a - b on shared docs and its variance (finite population)."""
@@ -225,18 +243,20 @@ class Race:
         return {t: {k: {int(d): v for d, v in vals.items() if int(d) in keep.get(t, ())} for k, vals in m.items()}
                 for t, m in docs.items()}
 
-    def eliminate(self, rec, r: int, generation_docs: Mapping[int, Docs], undecided: Mapping[int, int],
-                  references: Mapping[int, Docs] | None = None) -> set[int]:
-        """Indices of `undecided` (index -> trial number) to stop after round r; `references`:
-        the per-doc scores of the complete candidates of earlier generations."""
+    def decide(self, rec, r: int, generation_docs: Mapping[int, Docs], undecided: Mapping[int, int],
+               references: Mapping[int, Docs] | None = None) -> dict[int, str]:
+        """Indices of `undecided` (index -> trial number) to stop after round r, each with its
+        key in REASONS; `references`: the per-doc scores of the complete candidates of earlier
+        generations."""
         if isinstance(self.rule, OptunaPruner):
-            return self.rule.eliminate(rec, undecided)
+            return dict.fromkeys(sorted(self.rule.eliminate(rec, undecided)), "pruner")
         eligible = {i: self.upto(d, r) for i, d in generation_docs.items() if self.rounds_done(d) > r}
         record = None
-        if self.rule.indifference:  # the record matters only to near-ties
+        if self.rule.indifference:  # the record matters only to near-ties and the top
             complete = [d for d in (references or {}).values() if self.rounds_done(d) == len(self.increments)]
-            record = max((estimate(d, self.tasks) for d in complete), default=None)
-        return self.rule.eliminate(eligible, record) & set(undecided)
+            record = max(complete, key=lambda d: estimate(d, self.tasks), default=None)
+        out = self.rule.decide(eligible, record, last=r == len(self.increments) - 2)
+        return {i: why for i, why in out.items() if i in undecided}
 
     def report(self, rec, number: int, docs: Docs) -> None:
         if isinstance(self.rule, OptunaPruner):

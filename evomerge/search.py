@@ -28,7 +28,7 @@ from evomerge.faults import crash_point
 from evomerge.fitness import fitness_of
 from evomerge.ledger import Candidate, Ledger, Phase, Stored, StudyAttr, close_orphans
 from evomerge.progress import Progress
-from evomerge.racing import combine_parts, docs_count, make_race, merge_docs
+from evomerge.racing import REASONS, combine_parts, docs_count, make_race, merge_docs
 from evomerge.sampler import GenerationFailed, GenerationSampler, Proposal
 from evomerge.study import StudyRecord
 from evomerge.workers import JobResult
@@ -221,14 +221,15 @@ class Controller:
         # Every candidate of the generation with per-doc scores, finished ones included.
         docs = {i: c.docs for i, c in cands.items() if c.phase is not Phase.PROPOSED}
         references = self._complete_before(next(iter(undecided.values())).generation)
-        out = self.race.eliminate(self.rec, r, docs, {i: c.number for i, c in undecided.items()}, references)
+        out = self.race.decide(self.rec, r, docs, {i: c.number for i, c in undecided.items()}, references)
         self.guard()
         for i, c in sorted(undecided.items()):
             if i in out:
                 value = self.race.told(c.docs, references)
                 self.ledger.prune(c, r, value)
                 self.progress.record(c.generation, c.number, value, estimated=True,
-                                     note=f" (raced out after round {r + 1}, {docs_count(c.docs)} docs)")
+                                     note=f" (stopped after round {r + 1}, {docs_count(c.docs)} docs: "
+                                          f"{REASONS[out[i]]})")
                 crash_point("tell")
             else:
                 self.ledger.survived(c, r)

@@ -68,17 +68,35 @@ def test_indifference_stops_a_near_tie_only_when_it_cannot_beat_the_studys_recor
     same = [1] * 36 + [0] * 4  # 40 of 100 docs per task, both wrong on the same 4
     leader, tie = _docs(same, same), _docs(same, same)
     # the paired upper bound of (tie - leader): z(0.75) x sqrt(2 x 0.5^2 x (1/40) / 40 x 0.6) =
-    # 0.0092 (at least a doc of disagreement); tie's own upper bound: 0.9 + 0.0177
+    # 0.0092 (at least a doc of disagreement)
+    better = _docs([1] * 100, [1] * 100)  # the record: right where both are wrong
+    equal = _docs(same + [1] * 60, same + [1] * 60)  # the record: wrong where they are
     rule = lambda indifference: PairedRace(TASKS, {"a": 100, "b": 100}, mu=1, confidence=0.75,
                                            indifference=indifference)
     race = {0: leader, 1: tie}
-    assert rule(0.0).eliminate(race, record=0.95) == set()
-    assert rule(0.009).eliminate(race, record=0.95) == set()
-    assert rule(0.0095).eliminate(race, record=0.95) == {1}
-    assert rule(0.0095).eliminate(race, record=0.915) == set()  # it could still beat the record
+    assert rule(0.0).eliminate(race, record=better) == set()
+    assert rule(0.009).eliminate(race, record=better) == set()
+    assert rule(0.0095).decide(race, record=better) == {1: "tie"}
+    assert rule(0.0095).eliminate(race, record=equal) == set()  # it could still beat the record
     assert rule(0.0095).eliminate(race, record=None) == set()  # no record yet
     with pytest.raises(ValidationError, match="greater than or equal to 0"):
         RacingConfig(indifference=-0.01)
+
+
+def test_at_the_last_decision_a_settled_member_of_the_top_stops_unless_it_could_beat_the_record():
+    same = [1] * 36 + [0] * 4
+    leader, tie, behind = _docs(same, same), _docs(same, same), _docs([0] * 40, [0] * 40)
+    better, equal = _docs([1] * 100, [1] * 100), _docs(same + [1] * 60, same + [1] * 60)
+    rule = PairedRace(TASKS, {"a": 100, "b": 100}, mu=1, confidence=0.75, indifference=0.0095)
+    race = {0: leader, 1: tie, 2: behind}
+    # the leader cannot fall below the first outside the top (the tie) by more than 0.0092
+    assert rule.decide(race, record=better, last=True) == {0: "settled", 1: "tie", 2: "behind"}
+    assert rule.decide(race, record=better, last=False) == {1: "tie", 2: "behind"}
+    assert rule.decide(race, record=equal, last=True) == {2: "behind"}
+    # far ahead of the first outside the top is settled too; the top is never settled without indifference
+    assert rule.decide({0: leader, 2: behind}, record=better, last=True) == {0: "settled", 2: "behind"}
+    no_indifference = PairedRace(TASKS, {"a": 100, "b": 100}, mu=1, confidence=0.75)
+    assert no_indifference.decide({0: leader, 2: behind}, record=better, last=True) == {2: "behind"}
 
 
 def test_a_raced_out_candidate_is_told_its_estimate_from_complete_references_only():
@@ -99,10 +117,11 @@ def test_a_raced_out_candidate_is_told_its_estimate_from_complete_references_onl
     assert rasch.told(partial, {}) == pytest.approx(0.75)
 
 
-def _racing_experiment(tmp_path, name: str, sampler: str = "cmaes", budget: int = 12) -> str:
+def _racing_experiment(tmp_path, name: str, sampler: str = "cmaes", budget: int = 15) -> str:
+    """Three generations of 5 in which each of the CMA-ES rules stops a candidate."""
     cfg = yaml.safe_load(open(write_resumable_experiment(tmp_path, name)))
-    cfg["fitness"]["racing"] = {"rounds": [0.25, 0.5, 1.0], "confidence": 0.6, "top": 0.25, "indifference": 0.02}
-    cfg["optimizer"].update(sampler=sampler, budget={"trials": budget})
+    cfg["fitness"]["racing"] = {"rounds": [0.25, 0.5, 1.0], "confidence": 0.6, "top": 0.5, "indifference": 0.05}
+    cfg["optimizer"].update(sampler=sampler, budget={"trials": budget}, population=5)
     path = tmp_path / f"{name}_racing.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -114,11 +133,15 @@ def uninterrupted_race(tmp_path_factory):
     storage = f"sqlite:///{tmp / 'clean.db'}"
     res = run_evomerge(["run", _racing_experiment(tmp, "racing"), "--storage", storage, "--workers", "0"])
     assert res.returncode == 0, res.stderr[-2000:]
-    return storage, trial_rows(storage, "racing")
+    return storage, trial_rows(storage, "racing"), res.stdout + res.stderr
 
 
 def test_racing_study_records_docs_and_races_out_candidates(uninterrupted_race):
-    storage, trials = uninterrupted_race
+    storage, trials, log = uninterrupted_race
+    # each stopped candidate's progress line says why; this study exercises every rule
+    for why in ("cannot reach the top", "a near-tie that cannot beat the study's best",
+                "in the top, cannot beat the study's best"):
+        assert f"docs: {why})" in log, why
     states = [t[2] for t in trials]
     assert TrialState.PRUNED in states and TrialState.COMPLETE in states
     rec = load("racing", storage)
@@ -132,13 +155,13 @@ def test_racing_study_records_docs_and_races_out_candidates(uninterrupted_race):
     assert "docs" in status.stdout and "raced out" in status.stdout
     summary = json.loads((Path(storage.removeprefix("sqlite:///")).parent / "summary.json").read_text())
     docs = summary["docs"]
-    assert docs["full"] == 12 * 32 and docs["evaluated"] == sum(
+    assert docs["full"] == 15 * 32 and docs["evaluated"] == sum(
         t.user_attrs["docs_evaluated"] for t in rec.study.get_trials())
     assert docs["evaluated"] < docs["full"] and docs["raced_out"] == states.count(TrialState.PRUNED)
 
 
 def test_raced_out_estimates_come_from_complete_candidates_of_earlier_generations(uninterrupted_race):
-    storage, _ = uninterrupted_race
+    storage, _, _ = uninterrupted_race
     rec = load("racing", storage)
     trials = rec.study.get_trials()
     tasks = config_from_dict(rec.get(StudyAttr.CONFIG)).fitness.split_tasks("fitness")
@@ -191,6 +214,6 @@ def test_a_raced_out_estimate_is_shown_but_never_the_best_so_far():
     lines: list[str] = []
     progress = Progress(10, lines.append)
     progress.record(0, 0, 0.8)
-    progress.record(0, 1, 0.95, estimated=True, note=" (raced out after round 1, 20 docs)")
+    progress.record(0, 1, 0.95, estimated=True, note=" (stopped after round 1, 20 docs: cannot reach the top)")
     assert progress.best == 0.8 and progress.best_trial == 0
-    assert "fitness ~0.9500 (raced out" in lines[-1] and "best 0.8000 (#0)" in lines[-1]
+    assert "fitness ~0.9500 (stopped" in lines[-1] and "best 0.8000 (#0)" in lines[-1]
