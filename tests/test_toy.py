@@ -159,3 +159,30 @@ def test_a_chosen_world_is_used_or_refused_with_the_fix(quick_world, tmp_path, m
     shutil.copytree(toy_world_path(), copy)
     monkeypatch.setenv(WORLD_ENV, str(copy))
     assert toy_world_path() == copy and resolve_path(SourceRef("b", "toy:base")) == copy / "base"
+
+
+def test_sparse_training_moves_only_its_slot():
+    """`TrainSpec(density=d, mask_slot=k)` trains slot k of a seeded partition of each tensor:
+    the slots are disjoint, fixed, and nothing off the slot moves, weight decay included."""
+    from evomerge.toy.train import Packer, TrainSpec, new_model, sparse_masks, train
+
+    tok = build_tokenizer()
+    model = new_model(tok, 0)
+    slots = [sparse_masks(model, 1 / 3, k) for k in range(3)]
+    for name in slots[0]:
+        total = sum(s[name].int() for s in slots)
+        assert bool((total == 1).all()), name  # disjoint, and together every entry
+    assert all(torch.equal(slots[1][n], m) for n, m in sparse_masks(model, 1 / 3, 1).items())
+    with pytest.raises(ValueError):
+        sparse_masks(model, 0.5, 2)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stream = Stream(0, BASE_MIX)
+    spec = TrainSpec(steps=3, lr=1e-2, batch_size=16, warmup=1, weight_decay=0.1, density=1 / 3, mask_slot=1)
+    train(model, lambda: stream.batch(16), Packer(tok), spec)
+    moved_on = on = 0
+    for n, p in model.named_parameters():
+        m = slots[1][n]
+        assert torch.equal(p.detach()[~m], start[n][~m]), n
+        moved_on += int((p.detach()[m] != start[n][m]).sum())
+        on += int(m.sum())
+    assert moved_on > 0.5 * on, (moved_on, on)

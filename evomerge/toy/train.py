@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +27,13 @@ class TrainSpec:
     final_lr_frac: float = 0.05
     weight_decay: float = 0.0
     clip: float = 1.0
+    # Sparse fine-tuning: `density < 1` trains only a fixed, seeded random subset of each
+    # parameter tensor's entries (slot `mask_slot` of a shared partition, so experts with
+    # different slots move disjoint entries and their task vectors are exactly orthogonal), a
+    # stand-in for the near-orthogonal task vectors of large models. No shipped world uses it:
+    # in v8 it did not let a merge keep both ciphers (README, "Sparse fine-tunes").
+    density: float = 1.0
+    mask_slot: int = 0
 
     def lr_factor(self, step: int) -> float:
         if step < self.warmup:
@@ -111,11 +119,34 @@ class Packer:
         return Batch(ids, mask[:, None], pos, labels)
 
 
+MASK_SEED = 4242
+
+
+def sparse_masks(model, density: float, slot: int, seed: int = MASK_SEED) -> dict[str, torch.Tensor]:
+    """Boolean masks, one per parameter: entry e is in slot `slot` iff its seeded uniform draw
+    u(e) lies in [slot * density, (slot + 1) * density). The draw depends only on `seed` and the
+    parameter names and shapes, so masks of different slots (same density) are disjoint."""
+    if not 0 < density <= 1 or (slot + 1) * density > 1 + 1e-9:
+        raise ValueError(f"slot {slot} at density {density} does not fit in [0, 1)")
+    masks = {}
+    for name, p in model.named_parameters():
+        g = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
+        u = torch.rand(p.shape, generator=g)
+        masks[name] = (u >= slot * density) & (u < (slot + 1) * density)
+    return masks
+
+
 def train(model, next_batch: Callable[[], list[Example]], pack: Packer, spec: TrainSpec,
           log: Callable[[str], None] | None = None) -> list[float]:
-    """Full-parameter training on `next_batch()`; returns the loss of every step."""
+    """Training on `next_batch()` (every parameter, or the `spec.density` slice of each tensor);
+    returns the loss of every step."""
     torch.set_flush_denormal(True)  # denormals slow CPU training 2-8x
     model.train()
+    masks = None
+    if spec.density < 1:
+        masks = sparse_masks(model, spec.density, spec.mask_slot)
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+        params = dict(model.named_parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98),
                             weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, spec.lr_factor)
@@ -125,8 +156,16 @@ def train(model, next_batch: Callable[[], list[Example]], pack: Packer, spec: Tr
         loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                      position_ids=b.position_ids, labels=b.labels).loss
         loss.backward()
+        if masks is not None:  # off-mask gradients are zero before clipping and the step
+            for n, m in masks.items():
+                if params[n].grad is not None:
+                    params[n].grad.mul_(m)
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
         opt.step()
+        if masks is not None:  # and off-mask entries stay the start's (weight decay included)
+            with torch.no_grad():
+                for n, m in masks.items():
+                    params[n].copy_(torch.where(m, params[n], frozen[n]))
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
