@@ -21,6 +21,7 @@ def preflight(cfg: ExperimentConfig, storage: str, printer: Callable[[str], None
                 "--storage sqlite:///runs/NAME/study.db")
     check_writable(storage)
     _check_backend(cfg)
+    _check_racing(cfg)
     space = build_space(cfg)
     check_tokenizer(_tokenizer_ref(cfg), trust_remote_code=cfg.trust_remote_code)
     _check_tasks(cfg)
@@ -68,6 +69,24 @@ def check_backend_sources(cfg: ExperimentConfig, infos: dict) -> None:
 def _tokenizer_ref(cfg: ExperimentConfig):
     """The model whose tokenizer the workers load (the base or first source for PS, model A for DFS)."""
     return cfg.kind.tokenizer_source(cfg.search_space, cfg.space_context())
+
+
+def _check_racing(cfg: ExperimentConfig) -> None:
+    """A racing setting of the other sampler's rule would do nothing; refuse it rather than ignore it.
+    Here, not in the config model: a stored study's snapshot holds every default and must still load."""
+    racing = cfg.fitness.racing
+    if racing is None:
+        return
+    cmaes = cfg.optimizer.sampler == "cmaes"
+    unused = ["p_threshold"] if cmaes else ["confidence", "top", "indifference"]
+    changed = [k for k in unused if getattr(racing, k) != type(racing).model_fields[k].default]
+    if changed:
+        rule = ("the paired race (confidence, top, indifference)" if cmaes
+                else "Optuna's WilcoxonPruner (p_threshold)")
+        other = "tpe or random" if cmaes else "cmaes"
+        raise ConfigError(f"fitness.racing.{', '.join(changed)}: not used by the {cfg.optimizer.sampler} sampler, "
+                          f"which races with {rule}; remove {'it' if len(changed) == 1 else 'them'} or use sampler "
+                          f"{other}")
 
 
 def _check_tasks(cfg: ExperimentConfig) -> None:

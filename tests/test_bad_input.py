@@ -444,3 +444,20 @@ def test_a_base_without_a_tokenizer_names_the_source(tmp_path):
     res = run_cli(["run", exp, "--storage", f"sqlite:///{storage}", "--workers", "0"], cwd=tmp_path)
     assert_bad_input(res, "source 'base'", "has no tokenizer files")
     assert not storage.exists()
+
+
+# -- racing settings of the other sampler's rule ---------------------------------------------------
+
+@pytest.mark.parametrize("sampler, racing, needles", [
+    ("tpe", {"confidence": 0.9, "indifference": 0.02}, ["fitness.racing.confidence, indifference",
+                                                        "WilcoxonPruner (p_threshold)", "use sampler cmaes"]),
+    ("random", {"top": 0.25}, ["fitness.racing.top", "remove it or use sampler cmaes"]),
+    ("cmaes", {"p_threshold": 0.05}, ["fitness.racing.p_threshold", "the paired race", "use sampler tpe or random"]),
+])
+def test_a_racing_setting_the_sampler_would_ignore_is_refused(tmp_path, sampler, racing, needles):
+    def mutate(cfg):
+        cfg["optimizer"]["sampler"] = sampler
+        cfg["fitness"]["racing"] = {"rounds": [0.5, 1.0], **racing}
+    exp = write_experiment(tmp_path, "racing", mutate)
+    assert_bad_input(run_cli(["run", exp], cwd=tmp_path), *needles)
+    assert not (tmp_path / "runs").exists()  # refused before the first write
