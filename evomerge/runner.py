@@ -87,12 +87,27 @@ def _check_stored_config(rec: StudyRecord, cfg: ExperimentConfig, resume: bool) 
     stored = rec.get(StudyAttr.CONFIG)
     if stored is None or stored == cfg.snapshot():
         return None
+    stored = _as_written_now(stored)
+    if stored == cfg.snapshot():
+        return None
     diff = config_diff(stored, cfg.snapshot())
     if not resume:
         raise StudyError(f"study {rec.name!r} exists with a different experiment:\n{diff}\n"
                          "Run with --resume to continue it with this experiment, "
                          "or give a new --study name.")
     return diff
+
+
+def _as_written_now(stored: dict) -> dict:
+    """The stored snapshot as this version of evomerge writes it: a setting added since (absent in
+    the snapshot, its default now) is not a change to the experiment."""
+    from evomerge.config import config_from_dict
+    from evomerge.schema import ConfigError
+
+    try:
+        return config_from_dict(stored, where="the stored experiment").snapshot()
+    except ConfigError:
+        return stored
 
 
 def _check_sampler_state(rec: StudyRecord, sampler) -> None:

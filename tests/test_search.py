@@ -81,3 +81,23 @@ def test_changed_experiment_is_refused_with_a_diff(tmp_path):
                                                                  "budget": {"trials": 2}}))
     with pytest.raises(StudyError, match=r"(?s)different experiment.*seed: 1.*seed: 2.*--resume"):
         run_experiment(changed, RunOptions(storage=storage, runs_dir=tmp_path, inline=True))
+
+
+def test_a_setting_added_since_the_study_was_made_is_not_a_change(tmp_path):
+    """A study stored by an older evomerge lacks settings added since; at their defaults the same
+    experiment continues without --resume, and a real change is still refused."""
+    from evomerge.ledger import StudyAttr
+    from evomerge.study import StudyError
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    raw = toy_experiment("older", optimizer={"sampler": "random", "seed": 1, "population": 2, "budget": {"trials": 2}})
+    run_experiment(config_from_dict(raw), RunOptions(storage=storage, runs_dir=tmp_path, inline=True))
+    rec = load("older", storage)
+    older = rec.get(StudyAttr.CONFIG)
+    del older["optimizer"]["start_at_init"], older["resources"]["placement"]  # as if written before they existed
+    rec.set(StudyAttr.CONFIG, older)
+    run_experiment(config_from_dict(raw), RunOptions(storage=storage, runs_dir=tmp_path, inline=True, budget=4))
+    assert len(load("older", storage).study.get_trials()) == 4
+    changed = dict(raw, optimizer=dict(raw["optimizer"], seed=2))
+    with pytest.raises(StudyError, match=r"(?s)different experiment.*seed: 1.*seed: 2"):
+        run_experiment(config_from_dict(changed), RunOptions(storage=storage, runs_dir=tmp_path, inline=True))
