@@ -11,7 +11,9 @@ Two rules, chosen by the sampler:
   Candidate c is compared with the mu-th best by estimate, m, on the docs both have scored
   (paired per doc): the weighted mean difference and its standard error, with the finite
   population correction for docs not scored yet. c stops when even the upper confidence bound of
-  (c - m) is below zero. CMA-ES is told its estimate of the full-subset fitness: by default each
+  (c - m) is below zero. With `indifference`, a candidate that cannot beat the study's best
+  complete candidate (the same paired bound) also stops once its place is known to within it
+  (`PairedRace.decide`). CMA-ES is told its estimate of the full-subset fitness: by default each
   task's unscored docs filled in with a Rasch model fitted on the complete candidates of earlier
   generations (`evomerge.irt`; `estimate: mean` tells the plain mean of the docs scored).
 - TPE and random search (`OptunaPruner`): Optuna's own `WilcoxonPruner`, fed one intermediate
