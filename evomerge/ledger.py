@@ -64,6 +64,7 @@ class TrialAttr:
     RACE_DOCS: Final = "race_docs"  # racing: per-doc scores of the rounds done
     RACE_PASSED: Final = "race_passed"  # racing: the last round whose decision it survived
     RACED_OUT: Final = "raced_out"  # racing: the round after which it stopped
+    STOP_REASON: Final = "stop_reason"  # racing: why it stopped, a key of evomerge.racing.REASONS
     ESTIMATE: Final = "estimate"  # racing: the fitness estimate a raced-out candidate is told
     CONSTRAINTS: Final = "constraints"  # fitness.constraints' values, Optuna's convention: <= 0 holds
 
@@ -352,12 +353,14 @@ class Ledger:
         self.rec.set_trial_attr(c.number, TrialAttr.FAIL_REASON, reason)
         self.rec.finish_trial(c.number, TrialState.FAIL)
 
-    def prune(self, c: Candidate, r: int, estimate: float) -> None:
+    def prune(self, c: Candidate, r: int, estimate: float, reason: str | None = None) -> None:
         """Raced out after round r: it stops, and the sampler is told its estimate. Through
         `study.tell`, which gives a pruned trial its last intermediate value (racing with
         Optuna's pruner reports one per doc)."""
         self._finish(c, Phase.PRUNED, estimate)
         self.rec.set_trial_attr(c.number, TrialAttr.RACED_OUT, r)
+        if reason is not None:
+            self.rec.set_trial_attr(c.number, TrialAttr.STOP_REASON, reason)
         self.rec.set_trial_attr(c.number, TrialAttr.ESTIMATE, estimate)
         self.rec.study.tell(c.number, state=TrialState.PRUNED)
 

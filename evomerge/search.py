@@ -226,7 +226,7 @@ class Controller:
         for i, c in sorted(undecided.items()):
             if i in out:
                 value = self.race.told(c.docs, references)
-                self.ledger.prune(c, r, value)
+                self.ledger.prune(c, r, value, out[i])
                 self.progress.record(c.generation, c.number, value, estimated=True,
                                      note=f" (stopped after round {r + 1}, {docs_count(c.docs)} docs: "
                                           f"{REASONS[out[i]]})")

@@ -143,12 +143,15 @@ def test_racing_study_records_docs_and_races_out_candidates(uninterrupted_race):
     for why in ("cannot reach the top", "a near-tie that cannot beat the study's best",
                 "in the top, cannot beat the study's best"):
         assert f"docs: {why})" in log, why
+    assert {t.user_attrs.get("stop_reason") for t in load("racing", storage).study.get_trials()} == {
+        None, "behind", "tie", "settled"}
     states = [t[2] for t in trials]
     assert TrialState.PRUNED in states and TrialState.COMPLETE in states
     rec = load("racing", storage)
     for t in rec.study.get_trials():
         if t.state == TrialState.PRUNED:
             assert t.user_attrs["docs_evaluated"] < 32 and "estimate" in t.user_attrs
+            assert t.user_attrs["stop_reason"] in ("behind", "tie", "settled")
             assert t.user_attrs["raced_out"] in (0, 1)
         elif t.state == TrialState.COMPLETE:
             assert t.user_attrs["docs_evaluated"] == 32  # limit 16 docs x 2 tasks
@@ -194,8 +197,9 @@ def test_kill_and_resume_with_racing_replays_the_uninterrupted_study(tmp_path, u
 
 
 def _estimates(storage: str) -> list:
-    return sorted((t.user_attrs["generation"], t.user_attrs["index"], t.user_attrs.get("estimate"))
-                  for t in load("racing", storage).study.get_trials())
+    """Per candidate: what it was told when it stopped, and why it stopped."""
+    return sorted((t.user_attrs["generation"], t.user_attrs["index"], t.user_attrs.get("estimate"),
+                   t.user_attrs.get("stop_reason") or "") for t in load("racing", storage).study.get_trials())
 
 
 def test_tpe_races_through_optunas_wilcoxon_pruner(tmp_path):
