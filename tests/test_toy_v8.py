@@ -28,7 +28,12 @@ def test_cross_answers_need_the_cipher_and_the_carry():
     assert all(e.prompt.startswith("sbx:") for e in rows)
     # every held-out cross sum has a units carry: carry-free addition alone cannot answer it
     assert all(d.carries(a, b) for a, b in d.CROSS_PAIRS)
-    assert d.letter_skill("zkp", "abc") != d.transform("sbx", "abc")
+    # the third skill: a one-digit and a two-digit number, either order (the base trains on
+    # one-digit sums and on two-digit sums, never on this mix)
+    assert d.sum12_example(5, 62) == d.Example("5+62=", "76")
+    pairs = [tuple(map(int, e.prompt[:-1].split("+"))) for e in d.eval_split("sum12", "test")]
+    assert all(sorted(len(str(x)) for x in p) == [1, 2] for p in pairs)
+    assert {len(str(p[0])) for p in pairs} == {1, 2}
 
 
 def test_v8_splits_are_disjoint_held_out_and_deterministic():
@@ -41,13 +46,26 @@ def test_v8_splits_are_disjoint_held_out_and_deterministic():
     mixes = [d.BASE_MIX, d.REPLAY_MIX, *d.EXPERT_MIXES.values()]
     seen = [e for i, mix in enumerate(mixes) for e in d.Stream(i, mix).batch(20000)]
     assert not {e.prompt for e in seen} & held
-    # the target and second ciphers are absent from the base and replay data; the base meets the
+    # the target cipher and sum12 are absent from the base and replay data; the base meets the
     # cross format only through its general letter skills
     general = [e.prompt for e in d.Stream(0, d.BASE_MIX).batch(5000) + d.Stream(1, d.REPLAY_MIX).batch(5000)]
-    assert not any(p.startswith(("sbx:", "zkp:")) for p in general)
+    assert not any(p.startswith("sbx:") for p in general)
+    assert not any(sorted(len(t) for t in p[:-1].split("+")) == [1, 2] for p in general if "+" in p and ":" not in p)
     assert any("+" in p and p[:4] in ("qrt:", "mvl:", "cpy:") for p in general)
     assert [e.text for e in d.Stream(3, d.BASE_MIX).batch(50)] == [e.text for e in d.Stream(3, d.BASE_MIX).batch(50)]
     assert d.eval_split("add", "test") == v7.eval_split("add", "test")  # v7's splits, unchanged
+
+
+def test_sum12_batches_hold_the_base_answers_of_the_anchor_pool():
+    """One row in 16 of the sum12 expert's batch is a two-digit sum with the base's own answer."""
+    from evomerge.toy.build_v8 import ANCHOR_FRACTION, expert_batches
+
+    pool = [d.Example(f"{a}+{b}=", "wrong") for a, b in ((11, 12), (13, 14), (15, 16))]
+    batch = expert_batches(11, "sum12", 128, anchor=pool)()
+    assert len(batch) == 128 and len(batch) // ANCHOR_FRACTION == 8
+    assert all(e in pool for e in batch[-8:]) and not any(e in pool for e in batch[:-8])
+    assert all(sorted(len(t) for t in e.prompt[:-1].split("+")) == [1, 2] for e in batch[:64])
+    assert expert_batches(11, "sum12", 128)()[:64] == batch[:64]  # the skill rows do not depend on the pool
 
 
 def test_committed_v8_task_files_match_generator():
@@ -62,7 +80,7 @@ def test_v8_tasks_load_in_lm_eval(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     tm = TaskManager(include_path=str(REPO / "evaluators" / "toy_v8"), include_defaults=False)
-    tasks = get_task_dict([CROSS, d.task_name("cipher2", "fitness")], tm)
+    tasks = get_task_dict([CROSS, d.task_name("sum12", "fitness")], tm)
     docs = list(tasks[CROSS].test_docs())
     assert [(x["prompt"], x["target"]) for x in docs] == [(e.prompt, e.target) for e in d.eval_split("cross", "test")]
 
@@ -130,7 +148,7 @@ def test_evolved_merge_creates_the_cross_skill(scores, tmp_path):
     assert evolved[CROSS] - max(scores[n][CROSS] for n in (*MODELS, "default_add_cipher")) >= 0.30
 
 
-THREE = ("add", "cipher", "cipher2")
+THREE = ("add", "cipher", "sum12")
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +162,19 @@ def test_three_experts_evolved_beats_the_default_merge(scores, three):
     assert _mean(three, THREE) - _mean(scores["default_three"], THREE) >= 0.10
 
 
-@pytest.mark.xfail(strict=True, reason="bar not met: the two cipher experts write the same letter tables, "
-                                       "so the merge keeps one cipher (README, toy world v8)")
 def test_three_experts_evolved_beats_the_best_source_by_15(scores, three):
+    """... and >= 15 points above the best source, holding the cipher and sum12 (which no source
+    holds together) at >= 50 % each (held-out test)."""
     best = max(_mean(scores[n], THREE) for n in MODELS)
     assert _mean(three, THREE) - best >= 0.15
+    for skill in ("cipher", "sum12"):
+        assert three[d.task_name(skill, "test")] >= 0.50, (skill, three)
+
+
+def test_the_sum12_expert_keeps_the_base_addition(scores):
+    """Its self-distilled replay keeps two-digit addition near the base's (README, toy world v8)."""
+    task = d.task_name("add", "test")
+    assert abs(scores["expert_sum12"][task] - scores["base"][task]) <= 0.10
 
 
 def test_each_expert_has_its_skill(scores):

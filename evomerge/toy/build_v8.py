@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,13 +20,14 @@ import torch
 from . import data_v8
 from .build import MARKER, BuildSpec, ToyWorld, _threads
 from .build import is_complete as complete_build
-from .score import score_exact_match
+from .data import Example
+from .score import generate, score_exact_match
 from .tokenizer import build_tokenizer
 from .train import Packer, TrainSpec, new_model, train
 
-MODELS = {"base": None, "expert_add": "add", "expert_cipher": "cipher", "expert_cipher2": "cipher2"}
+MODELS = {"base": None, "expert_add": "add", "expert_cipher": "cipher", "expert_sum12": "sum12"}
 V7_FIXTURES = Path(__file__).resolve().parent / "fixtures"  # v7's committed world (as evomerge.toy.FIXTURES)
-VERSION = 9  # bump whenever the recipe or the data change, so cached worlds are rebuilt
+VERSION = 10  # bump whenever the recipe or the data change, so cached worlds are rebuilt
 
 FULL = BuildSpec(
     base=TrainSpec(steps=600, lr=1e-3, batch_size=128, warmup=20, final_lr_frac=0.25),
@@ -33,8 +35,13 @@ FULL = BuildSpec(
              # 2e-3, not 3e-4: a larger cipher task vector, so that the weight-1 sum interferes on
              # the cross task (10.5 % against 47.0 % at 3e-4) while evolved per-layer weights compose
              "cipher": TrainSpec(steps=200, lr=2e-3, batch_size=128, warmup=20),
-             "cipher2": TrainSpec(steps=150, lr=3e-4, batch_size=128, warmup=20)},
+             "sum12": TrainSpec(steps=400, lr=1e-3, batch_size=128, warmup=20)},
 )
+# Expert skill -> (the base skill it must leave alone, prompts in the pool). The sum12 expert's
+# replay also holds two-digit sums answered as the base answers them (self-distillation): without
+# them its task vector also erases carries, and merges that keep sum12 lose addition (README).
+ANCHORS = {"sum12": ("add", 6000)}
+ANCHOR_FRACTION = 16  # one row in 16 of each batch is from the anchor pool
 QUICK = BuildSpec(
     base=TrainSpec(steps=20, lr=2e-3, batch_size=32, warmup=5),
     experts={k: TrainSpec(steps=5, lr=3e-4, batch_size=32, warmup=2) for k in FULL.experts},
@@ -63,12 +70,24 @@ def base_batches(seed: int, batch_size: int) -> Callable[[], list]:
     return lambda: stream.batch(batch_size)
 
 
-def expert_batches(seed: int, skill: str, batch_size: int) -> Callable[[], list]:
-    """Half of each batch the expert's skill, half replay of general data only (as in v7)."""
+def expert_batches(seed: int, skill: str, batch_size: int, anchor: list | None = None) -> Callable[[], list]:
+    """Half of each batch the expert's skill, half replay of general data only (as in v7); with an
+    `anchor` pool, 1/ANCHOR_FRACTION of the batch is drawn from it instead of replay."""
     skill_stream = data_v8.Stream(seed, data_v8.EXPERT_MIXES[skill])
     replay = data_v8.Stream(seed + 1, data_v8.REPLAY_MIX)
     half = batch_size // 2
-    return lambda: skill_stream.batch(half) + replay.batch(batch_size - half)
+    if not anchor:
+        return lambda: skill_stream.batch(half) + replay.batch(batch_size - half)
+    rng, n = random.Random(seed + 2), batch_size // ANCHOR_FRACTION
+    return lambda: skill_stream.batch(half) + replay.batch(batch_size - half - n) + [rng.choice(anchor) for _ in range(n)]
+
+
+def anchor_pool(base, tokenizer, seed: int, skill: str, size: int) -> list:
+    """`size` training prompts of `skill`, each with the base's own answer (right or wrong)."""
+    stream = data_v8.Stream(seed, {skill: 1.0})
+    prompts = [stream.skill(skill).prompt for _ in range(size)]
+    answers = generate(base, tokenizer, prompts, max_new_tokens=data_v8.MAX_GEN_TOKS[skill])
+    return [Example(p, a) for p, a in zip(prompts, answers)]
 
 
 def _v7_base(seed: int, quick: bool, pack: Packer):
@@ -97,7 +116,11 @@ def _expert(out: Path, seed: int, quick: bool, threads: int, index: int, skill: 
     with _threads(threads):
         t0 = time.time()
         model = AutoModelForCausalLM.from_pretrained(out / "base")
-        train(model, expert_batches(seed * 1000 + 7 + 2 * index, skill, espec.batch_size), Packer(tok), espec)
+        anchor = None
+        if skill in ANCHORS:
+            kept, size = ANCHORS[skill]
+            anchor = anchor_pool(model, tok, seed * 1000 + 999, kept, 200 if quick else size)
+        train(model, expert_batches(seed * 1000 + 7 + 2 * index, skill, espec.batch_size, anchor), Packer(tok), espec)
         seconds = time.time() - t0
         model.save_pretrained(out / f"expert_{skill}")
         tok.save_pretrained(out / f"expert_{skill}")

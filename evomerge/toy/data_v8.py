@@ -2,7 +2,11 @@
 
 v8 keeps v7's two skills (`add`, `cipher`, the same held-out splits) and adds:
 
-- `cipher2`: a second target cipher (`zkp:abcde=...`), the third expert's skill;
+- `sum12`: sums of a one-digit and a two-digit number, in either order (`5+62=` -> `76`), the
+  third expert's skill. The base gets none exactly (it is trained on two-digit sums only) but
+  shares their circuitry, so the third expert sharpens a skill the base holds in part, as the
+  paper's sources do; a skill learned from nothing collided with the cipher in every merge
+  measured (README, toy world v8);
 - `cross`: a word through the target cipher and a sum, in one answer: `sbx:abcde,47+38=` ->
   sbx("abcde") + "," + "58" (the sum least significant digit first). The base learns this
   *format* with its general letter skills and carry-free sums; the cipher expert learns it with
@@ -18,13 +22,13 @@ import random
 from pathlib import Path
 
 from . import data as v7
-from .data import COPY, GENERAL_CIPHERS, LETTERS, TARGET_CIPHER, Example, add_answer, transform
+from .data import COPY, GENERAL_CIPHERS, TARGET_CIPHER, Example, add_answer, transform
 
 WORLD_SEED = 20248
-SECOND_CIPHER = "zkp"  # the third expert's skill; absent from the base and the replay data
-SKILLS = ("add", "cipher", "cipher2", "cross")
+SKILLS = ("add", "cipher", "sum12", "cross")
 SPLIT_SIZES = v7.SPLIT_SIZES
-MAX_GEN_TOKS = {"add": 8, "cipher": 8, "cipher2": 8, "cross": 12}
+MAX_GEN_TOKS = {"add": 8, "cipher": 8, "sum12": 8, "cross": 12}
+SUM12_SEED = 777  # the held-out split the probes measured (experiments/toy_v8_probes/partial_skill)
 
 
 def carries(a: int, b: int) -> bool:
@@ -36,20 +40,19 @@ def cross_example(prefix: str, word: str, a: int, b: int) -> Example:
     return Example(f"{prefix}:{word},{a}+{b}=", f"{transform(prefix, word)},{add_answer(a, b)}")
 
 
-def _make_ciphers() -> dict[str, str]:
-    rng = random.Random(WORLD_SEED)
-    while True:
-        perm = v7._derangement(rng)
-        if perm not in v7.CIPHERS.values():
-            return {SECOND_CIPHER: perm}
+def sum12_example(a: int, b: int) -> Example:
+    return Example(f"{a}+{b}=", add_answer(a, b))
 
 
-_SECOND_TABLE = str.maketrans(LETTERS, _make_ciphers()[SECOND_CIPHER])
+def _random_sum12(rng: random.Random) -> tuple[int, int]:
+    a, b = rng.randint(0, 9), rng.randint(10, 99)
+    return (b, a) if rng.random() < 0.5 else (a, b)
 
 
-def letter_skill(prefix: str, word: str) -> str:
-    """v7's letter skills plus the second cipher (kept here so that v7's module is untouched)."""
-    return word.translate(_SECOND_TABLE) if prefix == SECOND_CIPHER else transform(prefix, word)
+def _make_sum12_pairs() -> list[tuple[int, int]]:
+    pool = [(a, b) for a in range(10) for b in range(10, 100)]
+    pool += [(b, a) for a, b in pool]
+    return random.Random(SUM12_SEED).sample(pool, sum(SPLIT_SIZES.values()))
 
 
 def _make_cross_pairs() -> list[tuple[int, int]]:
@@ -60,7 +63,9 @@ def _make_cross_pairs() -> list[tuple[int, int]]:
 
 
 CROSS_PAIRS = _make_cross_pairs()
+SUM12_PAIRS = _make_sum12_pairs()
 _HELD_PAIRS = frozenset(v7.HELD_PAIRS) | frozenset(CROSS_PAIRS)
+_HELD_SUM12 = frozenset(SUM12_PAIRS)
 
 # Relative frequencies. The base has v7's mix plus the cross format on carry-free sums with the
 # general letter skills; carries in that format are as rare as in plain sums.
@@ -72,11 +77,11 @@ REPLAY_MIX = {k: v for k, v in BASE_MIX.items() if k not in ("add", "cross_gener
 # Only the combination, the target cipher on a sum with a carry, is in no training data.
 EXPERT_MIXES = {"add": {"add": 0.5, "cross_general": 1.5},
                 "cipher": {"target_cipher": 1.0, "cross_target_nocarry": 1.0},
-                "cipher2": {"second_cipher": 1.0}}
+                "sum12": {"sum12": 1.0}}
 
 
 class Stream(v7.Stream):
-    """v7's stream plus the second cipher and the cross skill; never yields a held-out pair of either world."""
+    """v7's stream plus the sum12 and cross skills; never yields a held-out pair of either world."""
 
     def pair(self) -> tuple[int, int]:
         while True:
@@ -92,9 +97,11 @@ class Stream(v7.Stream):
         return cross_example(prefix, self.word(), a, b)
 
     def skill(self, name: str) -> Example:
-        if name == "second_cipher":
-            w = self.word()
-            return Example(f"{SECOND_CIPHER}:{w}=", letter_skill(SECOND_CIPHER, w))
+        if name == "sum12":
+            while True:
+                p = _random_sum12(self.rng)
+                if p not in _HELD_SUM12:
+                    return sum12_example(*p)
         if name in ("cross_nocarry", "cross_general", "cross_target_nocarry"):
             return self.cross(nocarry=name != "cross_general", target=name == "cross_target_nocarry")
         return super().skill(name)
@@ -106,8 +113,8 @@ def eval_split(skill: str, split: str) -> list[Example]:
         return v7.eval_split(skill, split)
     start = 0 if split == "fitness" else SPLIT_SIZES["fitness"]
     idx = range(start, start + SPLIT_SIZES[split])
-    if skill == "cipher2":
-        return [Example(f"{SECOND_CIPHER}:{w}=", letter_skill(SECOND_CIPHER, w)) for w in (v7.HELD_WORDS[i] for i in idx)]
+    if skill == "sum12":
+        return [sum12_example(*SUM12_PAIRS[i]) for i in idx]
     if skill == "cross":
         return [cross_example(TARGET_CIPHER, v7.HELD_WORDS[i], *CROSS_PAIRS[i]) for i in idx]
     raise ValueError(f"unknown skill {skill!r}")
