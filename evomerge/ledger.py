@@ -156,6 +156,10 @@ class Stored:
         return self._get(TrialAttr.RACED_OUT)
 
     @property
+    def stop_reason(self) -> str | None:
+        return self._get(TrialAttr.STOP_REASON)
+
+    @property
     def estimate(self) -> float | None:
         return self._get(TrialAttr.ESTIMATE)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class StudyStatus:
         if self.docs:
             d = self.docs
             docs = (f" | docs {d['evaluated']}/{d['full']} ({100 * d['saving']:.0f} % saved"
-                    + (f", {d['raced_out']} raced out)" if d["raced_out"] else ")"))
+                    + (f", {stopped_text(d)})" if d["raced_out"] else ")"))
         front = ""
         if self.front:
             shown = ", ".join(f"#{n}" for n in self.front[:8]) + (", ..." if len(self.front) > 8 else "")
@@ -122,8 +123,17 @@ def docs_summary(rec: StudyRecord, trials=None) -> dict | None:
         return None
     evaluated = sum(Stored(t).docs_evaluated for t in finished)
     full = per_candidate * len(finished)
+    stopped = Counter(Stored(t).stop_reason for t in finished if t.state == TrialState.PRUNED)
     return {"evaluated": evaluated, "full": full, "saving": round(1 - evaluated / full, 4),
-            "raced_out": sum(t.state == TrialState.PRUNED for t in finished)}
+            "raced_out": sum(stopped.values()),
+            # why they stopped (keys of evomerge.racing.REASONS); studies before stop_reason have none
+            "stopped": {k: n for k, n in sorted(stopped.items()) if k is not None}}
+
+
+def stopped_text(docs: dict) -> str:
+    """'12 raced out: 7 behind, 5 tie' (the reasons only where the study recorded them)."""
+    why = ", ".join(f"{n} {k}" for k, n in docs.get("stopped", {}).items())
+    return f"{docs['raced_out']} raced out" + (f": {why}" if why else "")
 
 
 def study_status(rec: StudyRecord) -> StudyStatus:

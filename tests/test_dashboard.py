@@ -552,12 +552,13 @@ def test_study_page_shows_docs_evaluated_and_the_saving(tmp_path, launcher):
     write_study(url, trials=0, extra={"fitness_docs": 200})
     study = optuna.load_study(study_name=STUDY, storage=url)
     dists = {"w": FloatDistribution(0.0, 2.0)}
-    for k, (state, docs) in enumerate([(TrialState.COMPLETE, 200), (TrialState.PRUNED, 50),
-                                       (TrialState.PRUNED, 100), (TrialState.COMPLETE, 200)]):
+    for k, (state, docs, why) in enumerate([(TrialState.COMPLETE, 200, None), (TrialState.PRUNED, 50, "behind"),
+                                            (TrialState.PRUNED, 100, "tie"), (TrialState.PRUNED, 50, "behind"),
+                                            (TrialState.COMPLETE, 200, None)]):
+        attrs = {"generation": 0, "index": k, "docs_evaluated": docs} | ({"stop_reason": why} if why else {})
         study.add_trial(create_trial(params={"w": 1.0}, distributions=dists, state=state,
-                                     value=0.5 if state == TrialState.COMPLETE else None,
-                                     user_attrs={"generation": 0, "index": k, "docs_evaluated": docs}))
+                                     value=0.5 if state == TrialState.COMPLETE else None, user_attrs=attrs))
     app = DashboardApp(DashboardConfig(storages=[url], export_root=tmp_path / "x"), launcher=launcher)
     page = call(app, "GET", "/evomerge/study", {"storage": 0, "name": STUDY}).text
-    # 4 candidates and the FAIL trial write_study adds (0 docs): 550 of 5 x 200
-    assert "<td class='docs'>550 of 1000 (45 % saved, 2 candidates raced out)" in page
+    # 5 candidates and the FAIL trial write_study adds (0 docs): 600 of 6 x 200; why each stopped
+    assert "<td class='docs'>600 of 1200 (50 % saved, 3 raced out: 2 behind, 1 tie)" in page

@@ -4,6 +4,7 @@ and a racing study killed and resumed ending as an uninterrupted one."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -156,12 +157,15 @@ def test_racing_study_records_docs_and_races_out_candidates(uninterrupted_race):
         elif t.state == TrialState.COMPLETE:
             assert t.user_attrs["docs_evaluated"] == 32  # limit 16 docs x 2 tasks
     status = run_evomerge(["status", "racing", "--storage", storage])
-    assert "docs" in status.stdout and "raced out" in status.stdout
+    reasons = Counter(t.user_attrs.get("stop_reason") for t in rec.study.get_trials() if t.state == TrialState.PRUNED)
+    assert f"{sum(reasons.values())} raced out: {reasons['behind']} behind, {reasons['settled']} settled, " \
+           f"{reasons['tie']} tie)" in status.stdout
     summary = json.loads((Path(storage.removeprefix("sqlite:///")).parent / "summary.json").read_text())
     docs = summary["docs"]
     assert docs["full"] == 15 * 32 and docs["evaluated"] == sum(
         t.user_attrs["docs_evaluated"] for t in rec.study.get_trials())
     assert docs["evaluated"] < docs["full"] and docs["raced_out"] == states.count(TrialState.PRUNED)
+    assert docs["stopped"] == dict(sorted(reasons.items()))
 
 
 def test_raced_out_estimates_come_from_complete_candidates_of_earlier_generations(uninterrupted_race):

@@ -9,6 +9,7 @@ from evomerge.dashboard.actions import ExportDir, Job, log_tail
 from evomerge.dashboard.charts import e, fitness_svg, recipe_html
 from evomerge.dashboard.data import ScoreTable, StorageError, StudyPage, StudyRef, StudyRow
 from evomerge.dashboard.front import front_html
+from evomerge.status import stopped_text
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1b1f24;background:#fafbfc}
@@ -83,7 +84,7 @@ def _docs_row(docs: dict | None) -> str:
     """Fitness docs scored against scoring every candidate on all of them (what racing saves)."""
     if not docs:
         return ""
-    raced = f", {docs['raced_out']} candidates raced out" if docs["raced_out"] else ""
+    raced = f", {e(stopped_text(docs))}" if docs["raced_out"] else ""
     return (f"<tr><th>docs evaluated</th><td class='docs'>{docs['evaluated']} of {docs['full']} "
             f"({100 * docs['saving']:.0f} % saved{raced})</td></tr>")
 
