@@ -173,3 +173,16 @@ def test_config_module_imports_nothing_heavy():
              "print([m for m in ('torch', 'lm_eval', 'ray', 'optuna', 'evomerge.sources') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_every_shipped_experiment_loads_and_builds_its_space():
+    """Each experiment file (and the search space file it names) is valid as shipped."""
+    names = []
+    for f in sorted((REPO_ROOT / "experiments").glob("*.yaml")):
+        if yaml.safe_load(f.read_text()).get("kind") == "RayJob":  # the KubeRay manifest
+            continue
+        cfg = load_config(f)
+        if not cfg.stages and cfg.kind.name == "ps":
+            assert cfg.space(4).dims, f.name
+        names.append(f.stem)
+    assert {"toy_ps", "toy_three", "toy_cross_hybrid", "evollm_jp"} <= set(names)
