@@ -3,10 +3,10 @@
 v8 keeps v7's two skills (`add`, `cipher`, the same held-out splits) and adds:
 
 - `sum12`: sums of a one-digit and a two-digit number, in either order (`5+62=` -> `76`), the
-  third expert's skill. The base gets none exactly (it is trained on two-digit sums only) but
-  shares their circuitry, so the third expert sharpens a skill the base holds in part, as the
-  paper's sources do; a skill learned from nothing collided with the cipher in every merge
-  measured (README, toy world v8);
+  third expert's skill. The base is trained on one-digit and on two-digit sums, never on this
+  mix: it gets none exactly but part of their digits, so the third expert sharpens a skill the
+  base holds in part, as the paper's sources do; a skill learned from nothing collided with the
+  cipher in every merge measured (docs/toy_v8_third_expert.md);
 - `cross`: a word through the target cipher and a sum, in one answer: `sbx:abcde,47+38=` ->
   sbx("abcde") + "," + "58" (the sum least significant digit first). The base learns this
   *format* with its general letter skills and carry-free sums; the cipher expert learns it with
