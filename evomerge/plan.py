@@ -69,7 +69,7 @@ def params_from_config(cfg: dict) -> int:
 
 def shape_of(ref, allow_pickle: bool = False, config_dir: Path | None = None) -> ModelShape:
     """From local headers when the checkpoint is here, else from a config snapshot directory."""
-    from evomerge.sources import SourceError, inspect
+    from evomerge.sources import SourceError, inspect, is_local
 
     try:
         info = inspect(ref, allow_pickle=allow_pickle)
@@ -77,6 +77,8 @@ def shape_of(ref, allow_pickle: bool = False, config_dir: Path | None = None) ->
         params = sum(math.prod(s) for s in info.shapes.values())
         how = "safetensors headers"
     except SourceError:
+        if is_local(ref.path):  # an unknown toy model, a broken checkpoint: the hub cannot help
+            raise
         snap = (config_dir or DEFAULT_CONFIG_DIR) / ref.path.replace("/", "__") / "config.json"
         if snap.exists():
             cfg, how = json.loads(snap.read_text()), f"config.json snapshot ({snap.parent.name})"

@@ -38,6 +38,11 @@ class SourceError(ValueError):
     """A source cannot be found, read or merged; the message says which and how to fix it."""
 
 
+def is_local(path: str) -> bool:
+    """A toy model or a path on this machine (not a hub id): its errors are final, no hub fallback."""
+    return path.startswith("toy:") or Path(path).expanduser().exists()
+
+
 def resolve_path(ref: SourceRef, *, allow_pickle: bool = False) -> Path:
     """A local directory for `ref`; hub ids are downloaded only when the hub is reachable."""
     if ref.path.startswith("toy:"):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from evomerge.config import REPO_ROOT, config_from_dict, load_config
 from evomerge.methods import METHODS
@@ -97,3 +99,16 @@ def test_plan_cli_refuses_what_cannot_fit(tmp_path):
 def test_toy_experiments_plan(exp):
     plans = make_plans(load_config(REPO_ROOT / "experiments" / exp))
     assert all(p.bytes_per_worker > 0 and not p.problems for p in plans)
+
+
+@pytest.mark.parametrize("path, says", [("toy:v8/expert_cipher2", "unknown toy model 'toy:v8/expert_cipher2'"),
+                                        ("{tmp}", "config.json")])
+def test_plan_reports_a_local_source_error_not_a_hub_lookup(tmp_path, path, says):
+    """A toy model or local directory that cannot be read gives its own error, which names the fix."""
+    from evomerge.sources import SourceError
+
+    raw = yaml.safe_load((REPO_ROOT / "experiments" / "toy_three.yaml").read_text())
+    raw["sources"][2]["path"] = path.format(tmp=tmp_path)
+    with pytest.raises(SourceError, match=re.escape(says)) as err:
+        make_plan(config_from_dict(raw, base_dir=REPO_ROOT / "experiments"))
+    assert "hub" not in str(err.value)

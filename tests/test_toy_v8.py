@@ -62,8 +62,8 @@ def test_sum12_batches_hold_the_base_answers_of_the_anchor_pool():
 
     pool = [d.Example(f"{a}+{b}=", "wrong") for a, b in ((11, 12), (13, 14), (15, 16))]
     batch = expert_batches(11, "sum12", 128, anchor=pool)()
-    assert len(batch) == 128 and len(batch) // ANCHOR_FRACTION == 8
-    assert all(e in pool for e in batch[-8:]) and not any(e in pool for e in batch[:-8])
+    n = 128 // ANCHOR_FRACTION
+    assert len(batch) == 128 and all(e in pool for e in batch[-n:]) and not any(e in pool for e in batch[:-n])
     assert all(sorted(len(t) for t in e.prompt[:-1].split("+")) == [1, 2] for e in batch[:64])
     assert expert_batches(11, "sum12", 128)()[:64] == batch[:64]  # the skill rows do not depend on the pool
 
@@ -169,6 +169,23 @@ def test_three_experts_evolved_beats_the_best_source_by_15(scores, three):
     assert _mean(three, THREE) - best >= 0.15
     for skill in ("cipher", "sum12"):
         assert three[d.task_name(skill, "test")] >= 0.50, (skill, three)
+
+
+def test_toy_three_searches_values_that_govern_no_tensor():
+    """The README's count: with attention and MLP apart, a Llama layer's "other" group is empty,
+    so 12 of toy_three's 42 values (4 layers x 3 models) change nothing."""
+    from safetensors import safe_open
+
+    from evomerge.config import load_config
+    from evomerge.groups import group_names, group_sizes
+
+    cfg = load_config(REPO / "experiments" / "toy_three.yaml")
+    space = cfg.space(4)
+    with safe_open(str(FIXTURES_V8 / "base" / "model.safetensors"), "pt") as f:
+        sizes = dict(zip(group_names(space.granularity, 4), group_sizes(space.granularity, list(f.keys()), 4)))
+    empty = {g for g, n in sizes.items() if n == 0}
+    assert empty == {f"layer{i}.other" for i in range(4)}
+    assert len(space.dims) == 42 and sum(space.groups[dim.group] in empty for dim in space.dims) == 12
 
 
 def test_the_sum12_expert_keeps_the_base_addition(scores):

@@ -64,8 +64,7 @@ def _make_cross_pairs() -> list[tuple[int, int]]:
 
 CROSS_PAIRS = _make_cross_pairs()
 SUM12_PAIRS = _make_sum12_pairs()
-_HELD_PAIRS = frozenset(v7.HELD_PAIRS) | frozenset(CROSS_PAIRS)
-_HELD_SUM12 = frozenset(SUM12_PAIRS)
+_HELD_PAIRS = frozenset(v7.HELD_PAIRS) | frozenset(CROSS_PAIRS) | frozenset(SUM12_PAIRS)
 
 # Relative frequencies. The base has v7's mix plus the cross format on carry-free sums with the
 # general letter skills; carries in that format are as rare as in plain sums.
@@ -100,7 +99,7 @@ class Stream(v7.Stream):
         if name == "sum12":
             while True:
                 p = _random_sum12(self.rng)
-                if p not in _HELD_SUM12:
+                if p not in _HELD_PAIRS:
                     return sum12_example(*p)
         if name in ("cross_nocarry", "cross_general", "cross_target_nocarry"):
             return self.cross(nocarry=name != "cross_general", target=name == "cross_target_nocarry")

@@ -74,11 +74,9 @@ def _wrap(text: str, width: int = 92) -> list[str]:
 
 def model_reference(ref: SourceRef) -> str:
     """What mergekit's `model:` takes: an absolute local directory, or a hub id (`id@revision`)."""
-    from pathlib import Path
+    from evomerge.sources import is_local, resolve_path
 
-    from evomerge.sources import resolve_path
-
-    if ref.path.startswith("toy:") or Path(ref.path).expanduser().exists():
+    if is_local(ref.path):
         return str(resolve_path(ref).resolve())
     return f"{ref.path}@{ref.revision}" if ref.revision else ref.path
 
